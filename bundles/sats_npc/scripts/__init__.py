@@ -1,0 +1,1 @@
+"""SATS bundle scripts: network, projection head, margin loss, mirror-consistent sampling, trainer."""

@@ -1,0 +1,195 @@
+"""Unit tests of the SATS bundle scripts: network size, projection head, margin loss, sampling, trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from conftest import bundle_scripts
+
+LPS = np.diag([-0.9, -0.9, 3.0, 1.0])  # DICOM-like: LR is array axis 0
+PERMUTED = np.array([[0, 0, -1.0, 0], [-0.9, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 1]])  # LR is array axis 2
+
+
+@pytest.fixture(scope="module")
+def net_mod():
+    return bundle_scripts("sats_npc", "network")
+
+
+@pytest.fixture(scope="module")
+def loss_mod():
+    return bundle_scripts("sats_npc", "losses")
+
+
+@pytest.fixture(scope="module")
+def samp_mod():
+    return bundle_scripts("sats_npc", "sampling")
+
+
+def test_default_network_has_paper_parameter_count(net_mod):
+    net = net_mod.SATSNet()  # the default configuration = configs/train.yaml network_def
+    n = net_mod.count_parameters(net)
+    assert n == 30_972_257
+    assert abs(n / 30.70e6 - 1) < 0.03
+    assert net.feature_channels == 32
+    assert [int(f) for f in net.filters] == [32, 64, 128, 256, 320, 320]
+
+
+def test_network_forward_one_tensor_and_features(net_mod):
+    torch.manual_seed(0)
+    net = net_mod.SATSNet(kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16])
+    x = torch.randn(2, 1, 16, 16, 8)
+    out = net(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 16, 16, 8)
+    logits, feats = net.forward_features(x)
+    assert feats.shape == (2, 4, 16, 16, 8)
+    assert torch.allclose(logits, out)
+    with pytest.raises(ValueError, match="levels"):
+        net_mod.SATSNet(kernel_size=[3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16])
+
+
+def test_projection_head_shape_unit_norm_and_params(net_mod):
+    torch.manual_seed(0)
+    head = net_mod.ProjectionHead(in_channels=32, channels=16)
+    # three 1x1x1 convs: 32*16+16, 16*16+16, 16*16+16
+    assert net_mod.count_parameters(head) == (32 * 16 + 16) + 2 * (16 * 16 + 16)
+    relus = [m for m in head.layers if isinstance(m, torch.nn.ReLU)]
+    assert len(relus) == 2 and isinstance(head.layers[-1], torch.nn.Conv3d)
+    e = head(torch.randn(2, 32, 6, 5, 4))
+    assert e.shape == (2, 16, 6, 5, 4)
+    np.testing.assert_allclose(e.norm(dim=1).detach().numpy(), 1.0, atol=1e-5)
+
+
+def test_siamese_shares_weights_and_splits_outputs(net_mod):
+    torch.manual_seed(0)
+    bb = net_mod.SATSNet(kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16])
+    sia = net_mod.SATSSiamese(bb, net_mod.ProjectionHead(4, 16))
+    x = torch.randn(1, 1, 16, 16, 8)
+    xf = torch.flip(x, dims=(2,))
+    lo, lof, e, ef = sia(x, xf)
+    assert torch.allclose(lo, bb(x), atol=1e-5) and torch.allclose(lof, bb(xf), atol=1e-5)
+    assert e.shape == (1, 16, 16, 16, 8)
+    _, _, e2, _ = net_mod.SATSSiamese(bb, None, embed="features")(x, xf)
+    assert e2.shape == (1, 4, 16, 16, 8)
+    np.testing.assert_allclose(e2.norm(dim=1).detach().numpy(), 1.0, atol=1e-5)
+    assert net_mod.SATSSiamese(bb, None, embed="none")(x, xf)[2] is None
+    with pytest.raises(ValueError):
+        net_mod.SATSSiamese(bb, None, embed="head")
+
+
+def _features():
+    """Hand-made 2-channel features on a 1x1x2x1x1 grid: voxel 0 has d2 = 0, voxel 1 has d2 = 4."""
+    e = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).reshape(1, 2, 2, 1, 1)  # voxel0=(1,0), voxel1=(1,0)
+    ef = torch.tensor([[1.0, -1.0], [0.0, 0.0]]).reshape(1, 2, 2, 1, 1)  # voxel0=(1,0), voxel1=(-1,0)
+    return e, ef
+
+
+def test_margin_loss_hand_values_intent(loss_mod):
+    e, ef = _features()  # d2 = [0, 4]
+    m_none = torch.zeros(1, 1, 2, 1, 1)
+    m_v1 = torch.tensor([0.0, 1.0]).reshape(1, 1, 2, 1, 1)
+    m_v0 = torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1)
+    ml = loss_mod.MarginLoss(margin=20.0)
+    # all m=0: pull only, mean of d2 = (0 + 4) / 2
+    assert ml(e, ef, m_none).item() == pytest.approx(2.0)
+    # voxel 1 asymmetric (d2 = 4): push = 20 - 4 = 16; voxel 0 pull = 0 -> balanced 0 + 16
+    assert ml(e, ef, m_v1).item() == pytest.approx(16.0)
+    # voxel 0 asymmetric (d2 = 0): push = 20; voxel 1 pull = 4
+    assert ml(e, ef, m_v0).item() == pytest.approx(24.0)
+    # a true hinge (t = 3): d2 = 4 >= t -> push 0
+    assert loss_mod.MarginLoss(margin=3.0)(e, ef, m_v1).item() == pytest.approx(0.0)
+    # reductions: mean = (0 + 16) / 2 voxels, sum = 16
+    assert loss_mod.MarginLoss(20.0, reduction="mean")(e, ef, m_v1).item() == pytest.approx(8.0)
+    assert loss_mod.MarginLoss(20.0, reduction="sum")(e, ef, m_v0).item() == pytest.approx(24.0)
+
+
+def test_margin_loss_printed_form_swaps_terms(loss_mod):
+    e, ef = _features()
+    m_v1 = torch.tensor([0.0, 1.0]).reshape(1, 1, 2, 1, 1)
+    # printed eq.: pull where m=1 (voxel 1: d2 = 4), push where m!=1 (voxel 0: 20 - 0)
+    assert loss_mod.MarginLoss(20.0, form="printed")(e, ef, m_v1).item() == pytest.approx(24.0)
+    with pytest.raises(ValueError):
+        loss_mod.MarginLoss(form="eq1")
+    with pytest.raises(ValueError):
+        loss_mod.MarginLoss(reduction="max")
+
+
+def test_margin_loss_gradient_pushes_asymmetric_apart(loss_mod):
+    e, ef = _features()
+    e = e.clone().requires_grad_(True)
+    m = torch.tensor([0.0, 1.0]).reshape(1, 1, 2, 1, 1)
+    loss_mod.MarginLoss(20.0)(e, ef, m).backward()
+    # push term at voxel 1: d(20 - d2)/dE = -2 (E - E') = -2 * (2, 0)
+    np.testing.assert_allclose(e.grad[0, :, 1, 0, 0].numpy(), [-4.0, 0.0])
+    np.testing.assert_allclose(e.grad[0, :, 0, 0, 0].numpy(), [0.0, 0.0])
+
+
+def test_total_loss_is_dice_bce_plus_beta_margin(loss_mod):
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    lo, lof = torch.randn(2, 1, 4, 4, 2), torch.randn(2, 1, 4, 4, 2)
+    s = (torch.rand(2, 1, 4, 4, 2) > 0.7).float()
+    sf = torch.flip(s, dims=(2,))
+    e = torch.nn.functional.normalize(torch.randn(2, 16, 4, 4, 2), dim=1)
+    ef = torch.nn.functional.normalize(torch.randn(2, 16, 4, 4, 2), dim=1)
+    m = ((s > 0) & (sf == 0)).float()
+    out = loss_mod.SATSLoss(beta=1.0)(lo, lof, s, sf, e, ef, m)
+    ref = DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    seg = 0.5 * (ref(lo, s) + ref(lof, sf))
+    margin = loss_mod.MarginLoss(20.0)(e, ef, m)
+    assert out["loss"].item() == pytest.approx((seg + margin).item(), rel=1e-5)
+    assert out["margin_loss"].item() > 0
+    out0 = loss_mod.SATSLoss(beta=1.0)(lo, lof, s, sf)  # stage 1: no embeddings
+    assert out0["loss"].item() == pytest.approx(seg.item(), rel=1e-5) and out0["margin_loss"].item() == 0.0
+
+
+@pytest.mark.parametrize("affine", [LPS, PERMUTED])
+@pytest.mark.parametrize("lr_size", [20, 21])
+def test_mirror_consistent_patch(samp_mod, affine, lr_size):
+    from shared_transforms.flip import LRFlipPaird, flip_lr, lr_axis
+
+    rng = np.random.default_rng(0)
+    lr = lr_axis(affine)
+    shape = [14, 12, 10]
+    shape[lr] = lr_size
+    vol = MetaTensor(torch.as_tensor(rng.normal(size=(1, *shape)), dtype=torch.float32), affine=torch.as_tensor(affine))
+    lab = MetaTensor((torch.rand(1, *shape, generator=torch.Generator().manual_seed(1)) > 0.9).float(), affine=torch.as_tensor(affine))
+    d = LRFlipPaird(["image", "label"])({"image": vol, "label": lab})
+    roi = [8, 6, 4]
+    roi[lr] = 10
+    crop = samp_mod.MirrorConsistentCropd(["image", "label", "image_flipped", "label_flipped", "asym_mask"], roi, num_samples=5)
+    crop.set_random_state(3)
+    starts = set()
+    for p in crop(d):
+        box = [(int(s.start), int(s.stop)) for s in samp_mod.mirror_consistent_box(shape, roi, lr, [0, 0, 0])]
+        # find this patch's box: search the start indices that reproduce it
+        found = None
+        for a0 in range(shape[0] - roi[0] + 1):
+            for a1 in range(shape[1] - roi[1] + 1):
+                for a2 in range(shape[2] - roi[2] + 1):
+                    if torch.equal(vol[0, a0:a0 + roi[0], a1:a1 + roi[1], a2:a2 + roi[2]], p["image"][0].as_tensor()):
+                        found = (a0, a1, a2)
+        assert found is not None
+        a = found[lr]
+        assert a == (lr_size - roi[lr]) // 2 == box[lr][0]  # LR centred on the grid centre
+        starts.add(tuple(found[i] for i in range(3) if i != lr))
+        # flip(patch) == crop of the flipped volume at the mirrored place a' = n - a - p
+        mirrored = [slice(f, f + r) for f, r in zip(found, roi)]
+        mirrored[lr] = slice(lr_size - a - roi[lr], lr_size - a)
+        flipped_volume = flip_lr(vol)
+        assert torch.equal(flip_lr(p["image"]).as_tensor(), flipped_volume[(slice(None), *mirrored)].as_tensor())
+        if (lr_size - roi[lr]) % 2 == 0:  # exact: the mirrored place is the patch's own place
+            assert torch.equal(p["image_flipped"].as_tensor(), flip_lr(p["image"]).as_tensor())
+            assert torch.equal(p["label_flipped"].as_tensor(), flip_lr(p["label"]).as_tensor())
+        # asymmetric mask of the patch = s - (s AND s') of the patch's own pair
+        s, sf = p["label"].as_tensor(), p["label_flipped"].as_tensor()
+        assert torch.equal(p["asym_mask"].as_tensor(), ((s > 0) & ~(sf > 0)).float())
+    assert len(starts) > 1  # random in the other two axes
+
+
+def test_mirror_crop_rejects_small_volume(samp_mod):
+    with pytest.raises(ValueError, match="larger than the volume"):
+        samp_mod.mirror_consistent_box([10, 10, 4], [8, 8, 8], 0, [0, 0, 0])
