@@ -1,0 +1,665 @@
+"""Evaluation reports: match prediction and truth files, compute metrics, write tables and figures.
+
+Public functions (also used by every bundle's ``evaluate.yaml``):
+
+* :func:`evaluate_folders` -- a prediction folder against a truth folder or a Decathlon
+  ``dataset.json``; writes ``metrics.csv``, ``summary.json``, ``summary.md`` and ``figures/``.
+* :func:`write_report` -- the same report files from per-case metric records.
+* :func:`compare_runs` -- side-by-side table of several evaluation outputs with paired Wilcoxon
+  signed-rank tests on DSC.
+* :func:`agreement_folders` -- inter-rater Dice and Jaccard per case.
+
+Command-line wrappers: ``npc-gtv evaluate``, ``npc-gtv compare``, ``npc-gtv agreement``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from shared_transforms.io import InputError, atomic_write, check_same_grid, load_label, load_nifti
+
+from .metrics import (
+    EMPTY_BOTH,
+    EMPTY_PRED,
+    EMPTY_TRUTH,
+    HIGHER_IS_BETTER,
+    METRICS,
+    UNITS,
+    compute_case_metrics,
+    spacing_from_affine,
+)
+
+__all__ = [
+    "CASE_SUFFIXES",
+    "case_key",
+    "find_niftis",
+    "match_cases",
+    "load_truth_cases",
+    "summarize",
+    "write_report",
+    "evaluate_pairs",
+    "evaluate_folders",
+    "read_metrics_csv",
+    "compare_runs",
+    "agreement_folders",
+    "evaluate_command",
+    "compare_command",
+    "agreement_command",
+]
+
+#: file-name suffixes removed (repeatedly) from a file stem to get its case id
+CASE_SUFFIXES: tuple[str, ...] = ("_seg", "_pred", "_prediction", "_mask", "_label", "_gtv", "_0000")
+
+AGREEMENT_METRICS: tuple[str, ...] = ("dsc", "iou")
+
+_NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------------------------
+# case matching
+# ----------------------------------------------------------------------------------------------
+def _stem(path) -> str:
+    return _NIFTI.sub("", Path(path).name)
+
+
+def case_key(path) -> str:
+    """Case id of a NIfTI file: its name without ``.nii[.gz]`` and without the known suffixes.
+
+    The suffixes of :data:`CASE_SUFFIXES` are removed repeatedly and case-insensitively, e.g.
+    ``npc_001_seg.nii.gz -> npc_001``, ``npc_001_0000.nii.gz -> npc_001``,
+    ``npc_001_pred_seg.nii.gz -> npc_001``.
+    """
+    stem = _stem(path)
+    changed = True
+    while changed:
+        changed = False
+        for suffix in CASE_SUFFIXES:
+            if len(stem) > len(suffix) and stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                changed = True
+    return stem
+
+
+def find_niftis(folder) -> list[Path]:
+    """All ``.nii`` / ``.nii.gz`` files under ``folder`` (recursively, hidden entries skipped), sorted."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(folder, "folder does not exist")
+    if not folder.is_dir():
+        raise InputError(folder, "is not a folder (expected a folder of NIfTI files)")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if not f.startswith(".") and _NIFTI.search(f):
+                found.append(Path(root) / f)
+    return sorted(found)
+
+
+def _index(files: Sequence[Path], what: str, folder) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for f in files:
+        key = case_key(f)
+        if key in index:
+            raise InputError(folder, f"duplicate {what} for case {key!r}: {index[key]} and {f}")
+        index[key] = f
+    return index
+
+
+def _listing(keys, limit: int = 10) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def match_cases(pred_files: Mapping[str, Path], truth_files: Mapping[str, Path], pred_src="predictions", truth_src="truth") -> list[str]:
+    """Check that both sides name the same cases; return the sorted case ids.
+
+    Raises:
+        InputError: a case has a prediction but no truth or the other way round.
+    """
+    only_pred = set(pred_files) - set(truth_files)
+    only_truth = set(truth_files) - set(pred_files)
+    problems = []
+    if only_truth:
+        problems.append(f"no prediction for {len(only_truth)} case(s) of {truth_src}: {_listing(only_truth)}")
+    if only_pred:
+        problems.append(f"no truth for {len(only_pred)} prediction(s): {_listing(only_pred)}")
+    if problems:
+        raise InputError(pred_src, "unmatched cases (files are matched by case id = file name without "
+                         f"{', '.join(CASE_SUFFIXES)}): " + "; ".join(problems))
+    if not truth_files:
+        raise InputError(truth_src, "no NIfTI masks found")
+    return sorted(truth_files)
+
+
+def load_truth_cases(truth, *, section: str = "test", images=None) -> tuple[dict[str, Path], dict[str, Path], dict[str, str]]:
+    """Ground-truth masks (and images for overlays) by case id.
+
+    Args:
+        truth: folder of NIfTI masks, or a Decathlon ``dataset.json`` (its ``section`` list gives
+            ``label`` and ``image`` paths relative to the json's folder, and optionally ``case_id``).
+        section: list of the dataset.json to use (``test``, ``training``, ``validation``...).
+        images: optional folder of images matched by case id (only for a truth folder).
+
+    Returns:
+        ``(labels, images, names)``: case key -> label path, case key -> image path (may be
+        empty), case key -> displayed case id.
+    """
+    truth = Path(truth)
+    if truth.is_file() and truth.suffix.lower() == ".json":
+        try:
+            data = json.loads(truth.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(truth, f"cannot be read as JSON ({exc})") from exc
+        if not isinstance(data, dict) or section not in data:
+            have = ", ".join(k for k, v in (data.items() if isinstance(data, dict) else []) if isinstance(v, list))
+            raise InputError(truth, f"has no {section!r} list (lists present: {have or 'none'})")
+        entries = data[section]
+        if not isinstance(entries, list) or not entries:
+            raise InputError(truth, f"{section!r} is not a non-empty list")
+        labels: dict[str, Path] = {}
+        imgs: dict[str, Path] = {}
+        names: dict[str, str] = {}
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "label" not in entry:
+                raise InputError(truth, f"{section}[{i}] has no 'label' (evaluation needs ground truth)")
+            label = truth.parent / entry["label"]
+            key = case_key(label)
+            if key in labels:
+                raise InputError(truth, f"duplicate case {key!r} in {section!r}: {labels[key]} and {label}")
+            labels[key] = label
+            names[key] = str(entry.get("case_id", key))
+            image = entry.get("image")
+            if isinstance(image, (list, tuple)):
+                image = image[0] if image else None
+            if image:
+                imgs[key] = truth.parent / image
+        return labels, imgs, names
+    if truth.is_file():
+        raise InputError(truth, "truth must be a folder of NIfTI masks or a Decathlon dataset.json")
+    labels = _index(find_niftis(truth), "truth mask", truth)
+    imgs = _index(find_niftis(images), "image", images) if images is not None else {}
+    return labels, imgs, {k: k for k in labels}
+
+
+def _check_out(out, protected: Sequence) -> Path:
+    out = Path(out)
+    res = out.resolve()
+    for item in protected:
+        if item is None:
+            continue
+        p = Path(item).resolve()
+        folder = p.parent if p.is_file() else p
+        if res == folder or folder in res.parents:
+            raise InputError(out, f"output folder is inside the input folder {folder}; choose another --out (inputs are never written)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# summaries and report files
+# ----------------------------------------------------------------------------------------------
+def _stats(values: Sequence[float]) -> dict:
+    arr = np.asarray(values, dtype=float)
+    ok = arr[np.isfinite(arr)]
+    n = int(ok.size)
+    if n == 0:
+        return {"mean": None, "std": None, "median": None, "min": None, "max": None, "n": 0, "n_undefined": int(arr.size)}
+    return {
+        "mean": float(ok.mean()),
+        "std": float(ok.std(ddof=1)) if n > 1 else 0.0,
+        "median": float(np.median(ok)),
+        "min": float(ok.min()),
+        "max": float(ok.max()),
+        "n": n,
+        "n_undefined": int(arr.size - n),
+    }
+
+
+def summarize(records: Sequence[Mapping], metrics: Sequence[str] = METRICS) -> dict:
+    """Mean, sample standard deviation (n-1), median, min, max and counts of each metric.
+
+    Every case counts; only values that are undefined by definition (``rve`` with an empty
+    truth) are left out of that metric's statistics and counted in ``n_undefined``.
+    """
+    summary = {
+        "n_cases": len(records),
+        "empty_cases": {
+            EMPTY_BOTH: sum(r.get("empty_case") == EMPTY_BOTH for r in records),
+            EMPTY_PRED: sum(r.get("empty_case") == EMPTY_PRED for r in records),
+            EMPTY_TRUTH: sum(r.get("empty_case") == EMPTY_TRUTH for r in records),
+        },
+        "metrics": {m: _stats([float(r[m]) for r in records]) for m in metrics},
+    }
+    return summary
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+
+
+def _summary_markdown(summary: Mapping, title: str) -> str:
+    lines = [f"# {title}", ""]
+    info = summary.get("info", {})
+    for k in ("pred", "truth", "rater_a", "rater_b", "section", "penalty", "nsd_tolerance_mm"):
+        if k in info:
+            lines.append(f"- {k}: `{info[k]}`")
+    lines.append(f"- cases: {summary['n_cases']}")
+    e = summary["empty_cases"]
+    lines.append(
+        f"- empty-mask cases: {e[EMPTY_BOTH]} both empty (scored perfect), {e[EMPTY_PRED]} empty prediction, "
+        f"{e[EMPTY_TRUTH]} empty truth (scored DSC 0, distances = penalty)"
+    )
+    lines += ["", "| metric | mean ± std | median | min | max | n |", "|---|---|---|---|---|---|"]
+    for m, s in summary["metrics"].items():
+        unit = f" ({UNITS[m]})" if m in UNITS else ""
+        arrow = {True: " ↑", False: " ↓", None: ""}[HIGHER_IS_BETTER.get(m)]
+        n = f"{s['n']}" + (f" ({s['n_undefined']} undefined)" if s["n_undefined"] else "")
+        lines.append(
+            f"| {m}{unit}{arrow} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | {_fmt(s['median'])} | "
+            f"{_fmt(s['min'])} | {_fmt(s['max'])} | {n} |"
+        )
+    lines += ["", "Definitions: docs/evaluation.md of the NPC GTV toolkit.", ""]
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str, inputs: Sequence = ()) -> None:
+    with atomic_write(path, inputs=inputs) as tmp:
+        tmp.write_text(text)
+
+
+def _csv_text(records: Sequence[Mapping], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        row = {}
+        for c in columns:
+            v = r.get(c, "")
+            if isinstance(v, float):
+                v = "nan" if math.isnan(v) else repr(v)
+            row[c] = v
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def write_report(
+    records: Sequence[Mapping],
+    out,
+    *,
+    metrics: Sequence[str] = METRICS,
+    title: str = "Evaluation",
+    info: Mapping | None = None,
+    figures: bool = True,
+    overlays: Mapping[str, Mapping] | None = None,
+    bar_plots: bool = False,
+    inputs: Sequence = (),
+) -> dict:
+    """Write ``metrics.csv``, ``summary.json``, ``summary.md`` and ``figures/`` from case records.
+
+    Args:
+        records: one dict per case with ``case_id``, the ``metrics`` values and optionally
+            ``pred``, ``truth``, ``empty_case``, ``penalty_mm``.
+        out: output folder (created).
+        metrics: metric columns to report.
+        title: heading of ``summary.md``.
+        info: extra provenance stored in ``summary.json["info"]`` (paths, options).
+        figures: write ``figures/box_<metric>.png`` (and the overlays below).
+        overlays: case id -> ``{"truth", "pred", "affine", "image"}`` arrays for
+            ``figures/overlays/<case>.png`` (see :func:`npc_gtv.evaluation.figures.overlay_png`).
+        bar_plots: also write ``figures/cases_<metric>.png`` per-case bar charts.
+        inputs: paths that must never be written.
+
+    Returns:
+        the summary dict (also written to ``summary.json``).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not records:
+        raise ValueError("write_report needs at least one case record")
+    summary = summarize(records, metrics)
+    summary["info"] = dict(info or {})
+    summary["files"] = {"metrics_csv": "metrics.csv", "summary_md": "summary.md", "figures": "figures" if figures else None}
+    extra = [c for c in ("empty_case", "penalty_mm", "pred", "truth", "rater_a", "rater_b") if any(c in r for r in records)]
+    _write_text(out / "metrics.csv", _csv_text(records, ["case_id", *metrics, *extra]), inputs)
+    _write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n", inputs)
+    _write_text(out / "summary.md", _summary_markdown(summary, title), inputs)
+    if figures:
+        from .figures import box_plots, case_bar_plot, overlay_png
+
+        fig_dir = out / "figures"
+        box_plots(records, metrics, fig_dir)
+        if bar_plots:
+            for m in metrics:
+                case_bar_plot(records, m, fig_dir / f"cases_{m}.png")
+        for case, item in (overlays or {}).items():
+            overlay_png(fig_dir / "overlays" / f"{case}.png", item["truth"], item["pred"], item["affine"],
+                        image=item.get("image"), title=item.get("title", case), inputs=inputs)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation of folders
+# ----------------------------------------------------------------------------------------------
+def _load_pair(pred_path: Path, truth_path: Path):
+    truth, t_aff = load_label(truth_path)
+    pred_raw, p_aff = load_nifti(pred_path)
+    check_same_grid(truth.shape, t_aff, pred_raw.shape, p_aff, truth_path, pred_path)
+    from shared_transforms.io import check_label_array
+
+    pred = check_label_array(pred_raw, pred_path)
+    return pred, truth, t_aff
+
+
+def _slice_axis(affine) -> int:
+    from shared_transforms.flip import si_axis
+
+    return int(si_axis(affine))
+
+
+def evaluate_pairs(
+    pairs: Sequence[tuple[str, Path, Path]],
+    *,
+    images: Mapping[str, Path] | None = None,
+    penalty="diagonal",
+    nsd_tolerance_mm: float = 1.0,
+    keep_overlays: bool = False,
+    progress: bool = True,
+    desc: str = "evaluate",
+    metrics_only: Sequence[str] | None = None,
+) -> tuple[list[dict], dict]:
+    """Metrics of ``(case_id, pred_path, truth_path)`` pairs; returns records and overlay data."""
+    from tqdm.auto import tqdm
+
+    records, overlays = [], {}
+    for case, pred_path, truth_path in tqdm(pairs, desc=desc, unit="case", disable=not progress):
+        pred, truth, affine = _load_pair(pred_path, truth_path)
+        m = compute_case_metrics(
+            pred, truth, spacing_from_affine(affine), slice_axis=_slice_axis(affine), penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm
+        )
+        rec = {"case_id": case, **m, "pred": str(pred_path), "truth": str(truth_path)}
+        if metrics_only is not None:
+            rec = {k: v for k, v in rec.items() if k not in METRICS or k in metrics_only}
+        records.append(rec)
+        if keep_overlays:
+            image = None
+            if images and case in images:
+                img, i_aff = load_nifti(images[case], allow_nan=True)
+                check_same_grid(truth.shape, affine, img.shape, i_aff, truth_path, images[case])
+                image = img
+            overlays[case] = {"truth": truth, "pred": pred, "affine": affine, "image": image,
+                              "title": f"{case}: DSC {m['dsc']:.3f}, HD95 {m['hd95']:.1f} mm"}
+    return records, overlays
+
+
+def evaluate_folders(
+    pred,
+    truth,
+    out,
+    *,
+    images=None,
+    section: str = "test",
+    penalty="diagonal",
+    figures: bool = True,
+    progress: bool = True,
+    nsd_tolerance_mm: float = 1.0,
+) -> dict:
+    """Evaluate a folder of NIfTI predictions against ground truth and write the report.
+
+    Args:
+        pred: folder of predicted masks (searched recursively), matched to the truth by case id
+            (:func:`case_key`).
+        truth: folder of true masks, or a Decathlon ``dataset.json`` whose ``section`` list gives
+            the label (and image) paths.
+        out: report folder; must not be inside ``pred`` or ``truth``.
+        images: folder of images for the overlays when ``truth`` is a folder (optional).
+        section: dataset.json list to evaluate.
+        penalty: distance for cases with exactly one empty mask: ``"diagonal"`` (image diagonal
+            in mm) or a number of mm.
+        figures: write box plots and per-case overlays.
+        progress: show a tqdm progress bar.
+        nsd_tolerance_mm: normalised surface Dice tolerance (SegRap2023: 1 mm).
+
+    Returns:
+        the summary dict (as written to ``out/summary.json``).
+
+    Raises:
+        InputError: missing/unmatched/duplicate cases, pairs on different grids, non-binary masks,
+            unreadable files, or ``out`` inside an input folder.
+    """
+    pred, truth = Path(pred), Path(truth)
+    out = _check_out(out, [pred, truth, images])
+    labels, imgs, names = load_truth_cases(truth, section=section, images=images)
+    preds = _index(find_niftis(pred), "prediction", pred)
+    if not preds:
+        raise InputError(pred, "no NIfTI predictions (.nii / .nii.gz) found")
+    keys = match_cases(preds, labels, pred, truth)
+    pairs = [(names[k], preds[k], labels[k]) for k in keys]
+    img_by_name = {names[k]: imgs[k] for k in keys if k in imgs}
+    records, overlays = evaluate_pairs(
+        pairs, images=img_by_name, penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm, keep_overlays=figures, progress=progress
+    )
+    info = {"pred": str(pred), "truth": str(truth), "penalty": penalty, "nsd_tolerance_mm": float(nsd_tolerance_mm)}
+    if truth.suffix.lower() == ".json":
+        info["section"] = section
+    protected = [pred, truth] + ([images] if images else [])
+    return write_report(records, out, title="Evaluation", info=info, figures=figures, overlays=overlays, inputs=protected)
+
+
+def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: bool = True, all_metrics: bool = False) -> dict:
+    """Inter-rater agreement: Dice and Jaccard (IoU) per case between two raters' mask folders.
+
+    Rater B is taken as the reference grid (the metrics used are symmetric). With
+    ``all_metrics=True`` every metric of :data:`METRICS` is reported, with rater B as "truth".
+    """
+    a, b = Path(rater_a), Path(rater_b)
+    out = _check_out(out, [a, b])
+    files_a = _index(find_niftis(a), "mask of rater A", a)
+    files_b = _index(find_niftis(b), "mask of rater B", b)
+    if not files_a:
+        raise InputError(a, "no NIfTI masks found")
+    keys = match_cases(files_a, files_b, a, b)
+    metrics = METRICS if all_metrics else AGREEMENT_METRICS
+    records, _ = evaluate_pairs([(k, files_a[k], files_b[k]) for k in keys], progress=progress, desc="agreement",
+                                metrics_only=metrics)
+    for r in records:
+        r["rater_a"] = r.pop("pred")
+        r["rater_b"] = r.pop("truth")
+    info = {"rater_a": str(a), "rater_b": str(b)}
+    return write_report(records, out, metrics=metrics, title="Inter-rater agreement", info=info, figures=figures,
+                        bar_plots=True, inputs=[a, b])
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing runs
+# ----------------------------------------------------------------------------------------------
+def read_metrics_csv(run) -> tuple[str, dict[str, dict[str, float]]]:
+    """Read an evaluation output (folder with ``metrics.csv``, or the csv itself).
+
+    Returns:
+        ``(run name, {case_id: {metric: value}})``.
+    """
+    run = Path(run)
+    path = run / "metrics.csv" if run.is_dir() else run
+    if not path.exists():
+        raise InputError(run, "has no metrics.csv (expected an `npc-gtv evaluate` output folder)")
+    try:
+        rows = list(csv.DictReader(path.read_text().splitlines()))
+    except (OSError, csv.Error) as exc:
+        raise InputError(path, f"cannot be read as CSV ({exc})") from exc
+    if not rows or "case_id" not in rows[0]:
+        raise InputError(path, "has no 'case_id' column or no rows")
+    cases: dict[str, dict[str, float]] = {}
+    for row in rows:
+        values = {}
+        for k, v in row.items():
+            if k in METRICS:
+                try:
+                    values[k] = float(v)
+                except (TypeError, ValueError):
+                    raise InputError(path, f"case {row['case_id']!r}: {k} = {v!r} is not a number") from None
+        if row["case_id"] in cases:
+            raise InputError(path, f"duplicate case {row['case_id']!r}")
+        cases[row["case_id"]] = values
+    name = (path.parent.name if run.is_dir() or path.name == "metrics.csv" else path.stem) or str(path)
+    return name, cases
+
+
+def _wilcoxon(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    from scipy.stats import wilcoxon
+
+    d = x - y
+    if d.size == 0:
+        return float("nan"), float("nan")
+    if np.all(d == 0):
+        return 0.0, 1.0
+    res = wilcoxon(x, y, zero_method="wilcox", alternative="two-sided")
+    return float(res.statistic), float(res.pvalue)
+
+
+def compare_runs(runs: Sequence, *, metric: str = "dsc", alpha: float = 0.05) -> dict:
+    """Side-by-side statistics of several runs and paired Wilcoxon signed-rank tests on ``metric``.
+
+    Each pair of runs is tested on the cases both contain (two-sided, ``zero_method="wilcox"``:
+    zero differences are dropped, as in the classical test; identical runs give p = 1).
+
+    Returns:
+        ``{"runs": [names], "metrics": {metric: {run: stats}}, "tests": [{"a", "b", "metric",
+        "n", "statistic", "p", "significant"}]}``.
+    """
+    if len(runs) < 2:
+        raise ValueError("compare needs at least two evaluation outputs")
+    loaded = [read_metrics_csv(r) for r in runs]
+    names, seen = [], {}
+    for (name, _), run in zip(loaded, runs):
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}#{seen[name]}"
+        else:
+            seen[name] = 1
+        names.append(name)
+    data = {n: cases for n, (_, cases) in zip(names, loaded)}
+    present = [m for m in METRICS if any(m in v for cases in data.values() for v in cases.values())]
+    if metric not in present:
+        raise InputError(runs[0], f"metric {metric!r} not found in the metrics.csv files")
+    table = {m: {n: _stats([v[m] for v in data[n].values() if m in v]) for n in names} for m in present}
+    tests = []
+    for a, b in combinations(names, 2):
+        common = sorted(set(data[a]) & set(data[b]))
+        x = np.array([data[a][c][metric] for c in common], dtype=float)
+        y = np.array([data[b][c][metric] for c in common], dtype=float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        stat, p = _wilcoxon(x[ok], y[ok])
+        tests.append({"a": a, "b": b, "metric": metric, "n": int(ok.sum()), "statistic": stat, "p": p,
+                      "significant": bool(math.isfinite(p) and p < alpha),
+                      "mean_difference": float(np.mean(x[ok] - y[ok])) if ok.any() else float("nan")})
+    return {"runs": names, "paths": [str(r) for r in runs], "metrics": table, "tests": tests, "alpha": alpha}
+
+
+def _compare_markdown(result: Mapping) -> str:
+    names = result["runs"]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m, by_run in result["metrics"].items():
+        cells = []
+        for n in names:
+            s = by_run[n]
+            cells.append(f"{_fmt(s['mean'])} ± {_fmt(s['std'])} (median {_fmt(s['median'])}, n={s['n']})")
+        unit = f" ({UNITS[m]})" if m in UNITS else ""
+        lines.append(f"| {m}{unit} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paired Wilcoxon signed-rank tests on {result['tests'][0]['metric'] if result['tests'] else 'dsc'} "
+              f"(* = p < {result['alpha']}):", "", "| A | B | n | mean(A-B) | p |", "|---|---|---|---|---|"]
+    for t in result["tests"]:
+        star = " *" if t["significant"] else ""
+        p = "n/a" if not math.isfinite(t["p"]) else f"{t['p']:.4g}"
+        lines.append(f"| {t['a']} | {t['b']} | {t['n']} | {_fmt(t['mean_difference'])} | {p}{star} |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+def evaluate_command(pred, truth, out, images=None, section: str = "test", penalty="diagonal", figures: bool = True,
+                     progress: bool = True, nsd_tolerance_mm: float = 1.0) -> None:
+    """Evaluate predicted NIfTI masks against ground truth (DSC, IoU, HD95, ASSD, NSD ... in mm).
+
+    Args:
+        pred: folder of predicted masks (searched recursively; files matched by case id).
+        truth: folder of true masks, or a Decathlon dataset.json.
+        out: report folder (metrics.csv, summary.json, summary.md, figures/); not inside an input.
+        images: folder of images for the overlay figures (truth folder only).
+        section: dataset.json list to use (default test).
+        penalty: distance for one-empty-mask cases: "diagonal" (image diagonal, mm) or a number (mm).
+        figures: write box plots and per-case overlays.
+        progress: show a progress bar.
+        nsd_tolerance_mm: tolerance of the normalised surface Dice (mm).
+    """
+    summary = evaluate_folders(pred, truth, out, images=images, section=section, penalty=penalty, figures=figures,
+                               progress=progress, nsd_tolerance_mm=nsd_tolerance_mm)
+    print((Path(out) / "summary.md").read_text())
+    print(f"wrote {Path(out) / 'metrics.csv'} ({summary['n_cases']} cases), summary.json, summary.md"
+          + (", figures/" if figures else ""))
+
+
+def compare_command(*runs, out=None, metric: str = "dsc", alpha: float = 0.05) -> None:
+    """Compare several evaluation outputs side by side, with paired Wilcoxon tests on DSC.
+
+    Args:
+        runs: two or more `npc-gtv evaluate` output folders (or their metrics.csv files).
+        out: optional folder for compare.md, compare.json and box plots per metric.
+        metric: metric of the paired tests (default dsc).
+        alpha: significance level for the * mark (default 0.05).
+    """
+    result = compare_runs(list(runs), metric=metric, alpha=alpha)
+    text = _compare_markdown(result)
+    print(text)
+    if out is not None:
+        out = _check_out(out, [Path(r) for r in runs])
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text(out / "compare.md", "# Comparison\n\n" + text)
+        _write_text(out / "compare.json", json.dumps(_json_safe(result), indent=2) + "\n")
+        from .figures import box_plot
+
+        for m in result["metrics"]:
+            values = {}
+            for n, r in zip(result["runs"], runs):
+                _, cases = read_metrics_csv(r)
+                values[n] = [v[m] for v in cases.values() if m in v]
+            box_plot(values, m, out / "figures" / f"box_{m}.png")
+        print(f"wrote {out / 'compare.md'}, compare.json, figures/")
+
+
+def agreement_command(rater_a, rater_b, out, figures: bool = True, progress: bool = True, all_metrics: bool = False) -> None:
+    """Inter-rater agreement (Dice and Jaccard per case) between two folders of masks.
+
+    Args:
+        rater_a: folder of rater A's masks.
+        rater_b: folder of rater B's masks (same cases, same grids).
+        out: report folder (metrics.csv, summary.json, summary.md, figures/).
+        figures: write box plots and per-case bar charts.
+        progress: show a progress bar.
+        all_metrics: report every evaluation metric instead of Dice and Jaccard only.
+    """
+    summary = agreement_folders(rater_a, rater_b, out, figures=figures, progress=progress, all_metrics=all_metrics)
+    print((Path(out) / "summary.md").read_text())
+    print(f"wrote {Path(out) / 'metrics.csv'} ({summary['n_cases']} cases)")
