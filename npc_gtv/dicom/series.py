@@ -133,6 +133,8 @@ def write_dicom_series(
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = int(series_number)
         ds.SeriesDescription = series_description
+        ds.PatientPosition = "HFS"
+        ds.Laterality = ""
         ds.FrameOfReferenceUID = frame_of_reference_uid
         ds.PositionReferenceIndicator = ""
         ds.Manufacturer = "NPC GTV toolkit phantom"
