@@ -406,6 +406,7 @@ class ResumableCheckpoint:
         self.resumed_from: dict | None = None  # engine counters restored at attach (None: fresh start)
         self._pending_transform_rng: list | None = None
         self._already_complete = False
+        self._check_complete = False
         self._savers_registered = False
 
     @property
@@ -463,17 +464,11 @@ class ResumableCheckpoint:
             )
             iteration = done_epochs * cur_len
         max_epochs = getattr(engine.state, "max_epochs", None) or saved.get("max_epochs")
-        epoch = iteration // epoch_length if epoch_length else int(saved.get("epoch", 0))
-        if max_epochs is not None and epoch_length and iteration >= epoch_length * max_epochs:
-            self._already_complete = True
-            logger.info(
-                "%s: training already complete (epoch %d of max_epochs %d); nothing to run. Raise max_epochs to "
-                "train longer, or delete the file / set resume=False to start again.", path, epoch, max_epochs,
-            )
         engine.load_state_dict({"iteration": iteration, "epoch_length": epoch_length, "max_epochs": max_epochs})
         restore_rng_state(checkpoint.get("_rng", {}))
         self._pending_transform_rng = list(checkpoint.get("_transform_rng", []))
         self.resumed_from = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        self._check_complete = engine.state.iteration > 0
         msg = (f"resumed from {path}: epoch {engine.state.epoch} (completed), iteration {engine.state.iteration}, "
                f"max_epochs {max_epochs}")
         logger.info(msg)
@@ -483,9 +478,18 @@ class ResumableCheckpoint:
     def _on_started(self, engine) -> None:
         from ignite.engine import Events
 
-        if self._already_complete:
-            engine.terminate()
-            return
+        if self._check_complete:
+            self._check_complete = False
+            if engine.state.iteration == 0:
+                # ignite found the restored state done (iteration >= max_epochs * epoch_length) and reset it to
+                # start again from epoch 0; a rerun of a finished training must not retrain, so stop here
+                self._already_complete = True
+                logger.info(
+                    "%s: training already complete (%s); nothing to run. Raise max_epochs to train longer, or "
+                    "delete the file / set resume=False to start again.", self.last_path, self.resumed_from,
+                )
+                engine.terminate()
+                return
         if self._pending_transform_rng:
             transforms = _random_transforms(engine)
             if len(transforms) == len(self._pending_transform_rng):
