@@ -1,0 +1,115 @@
+"""Bundle inference post-processing: write the prediction as an RTSTRUCT (and/or SEG) for a DICOM CT input.
+
+Add after ``Invertd`` (so the prediction is back on the input grid) in an ``inference.yaml``
+post-processing list::
+
+    - _target_: npc_gtv.dicom.transforms.SaveDicomRTd
+      keys: pred
+      output_dir: "@output_dir"
+      write_seg: false
+
+When the input image was a DICOM folder read with
+:class:`shared_transforms.dicom.DicomSeriesReader`, the prediction's metadata carries
+``dicom_dir`` and the CT's SeriesInstanceUID; the transform reads that CT series again and
+writes ``<case>_rtstruct.dcm`` (and ``<case>_seg.dcm``). For NIfTI inputs it does nothing
+(or raises, with ``skip_non_dicom=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from shared_transforms.dicom import read_dicom_series
+from shared_transforms.io import InputError
+
+from .grid import mask_to_grid
+
+__all__ = ["SaveDicomRTd"]
+
+logger = logging.getLogger(__name__)
+
+try:
+    from monai.transforms import MapTransform as _MapTransform
+except ImportError:  # pragma: no cover
+    _MapTransform = object
+
+
+class SaveDicomRTd(_MapTransform):
+    """Write an RTSTRUCT (and optionally a DICOM SEG) of ``d[key]`` for its DICOM CT input.
+
+    Args:
+        keys: prediction key(s); each is a ``(C, X, Y, Z)`` MetaTensor on the input grid with
+            ``C == 1`` (probability or binary: thresholded at ``threshold``) or ``C >= 2``
+            (one-hot / logits: argmax, foreground = ``label_index``).
+        output_dir: folder of the outputs.
+        roi_name: ROI / segment name.
+        color: ROI display colour.
+        threshold: foreground threshold for one-channel predictions.
+        label_index: foreground channel for multi-channel predictions.
+        write_rtstruct: write ``<case>_rtstruct.dcm``. write_seg: write ``<case>_seg.dcm``.
+        skip_non_dicom: silently skip predictions of non-DICOM inputs (else raise).
+        overwrite: replace existing outputs.
+        allow_missing_keys: MONAI's usual flag.
+    """
+
+    def __init__(
+        self,
+        keys="pred",
+        output_dir="./eval",
+        roi_name: str = "GTVp",
+        color=(255, 0, 0),
+        threshold: float = 0.5,
+        label_index: int = 1,
+        write_rtstruct: bool = True,
+        write_seg: bool = False,
+        skip_non_dicom: bool = True,
+        overwrite: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        if not (write_rtstruct or write_seg):
+            raise ValueError("at least one of write_rtstruct / write_seg must be True")
+        self.output_dir = Path(output_dir)
+        self.roi_name = roi_name
+        self.color = tuple(int(c) for c in color)
+        self.threshold = float(threshold)
+        self.label_index = int(label_index)
+        self.write_rtstruct = write_rtstruct
+        self.write_seg = write_seg
+        self.skip_non_dicom = skip_non_dicom
+        self.overwrite = overwrite
+
+    def _mask(self, pred) -> np.ndarray:
+        arr = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)
+        if arr.ndim != 4:
+            raise ValueError(f"prediction must be (C, X, Y, Z), got shape {arr.shape}")
+        if arr.shape[0] == 1:
+            return (arr[0] > self.threshold).astype(np.uint8)
+        return (np.argmax(arr, axis=0) == self.label_index).astype(np.uint8)
+
+    def __call__(self, data):
+        from .rtstruct import write_rtstruct
+        from .seg import write_seg
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            meta = dict(getattr(pred, "meta", {}) or {})
+            dicom_dir = meta.get("dicom_dir")
+            if not dicom_dir:
+                if self.skip_non_dicom:
+                    logger.info("%s: input was not a DICOM series; no RTSTRUCT written", meta.get("filename_or_obj", key))
+                    continue
+                raise InputError(meta.get("filename_or_obj"), "input was not a DICOM series; cannot write an RTSTRUCT")
+            ct = read_dicom_series(dicom_dir, str(meta.get("SeriesInstanceUID") or "") or None)
+            affine = np.asarray(pred.affine if hasattr(pred, "affine") else meta["affine"], dtype=float)
+            mask = mask_to_grid(self._mask(pred), affine, ct.array.shape, ct.affine, source=key, reference=dicom_dir)
+            case = Path(dicom_dir).name
+            if self.write_rtstruct:
+                write_rtstruct(ct, mask, self.output_dir / f"{case}_rtstruct.dcm", roi_name=self.roi_name, color=self.color, overwrite=self.overwrite)
+            if self.write_seg:
+                write_seg(ct, mask, self.output_dir / f"{case}_seg.dcm", segment_label=self.roi_name, overwrite=self.overwrite)
+        return d
