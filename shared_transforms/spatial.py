@@ -29,13 +29,13 @@ from scipy import ndimage
 
 from shared_transforms.flip import _world_axis
 from shared_transforms.io import InputError
+from shared_transforms.postprocess import largest_component
 
 __all__ = [
     "DEFAULT_SPACING",
     "world_to_array_pixdim",
     "ResampleToSpacing",
     "ResampleToSpacingd",
-    "largest_component",
     "body_mask",
     "BodyCrop",
     "BodyCropd",
@@ -140,27 +140,6 @@ class ResampleToSpacingd(Spacingd):
         )
         new.min_pixdim, new.max_pixdim = old.min_pixdim, old.max_pixdim
         self.spacing_transform = new
-
-
-def largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
-    """Keep the largest connected component of a boolean mask (ties: the first in scan order).
-
-    Args:
-        mask: boolean array of any dimension.
-        connectivity: 1 (faces, the default), 2 (edges) or up to ``mask.ndim`` (corners).
-
-    Returns:
-        boolean array of the same shape (all False for an empty mask).
-    """
-    mask = np.asarray(mask, dtype=bool)
-    conn = 1 if connectivity is None else int(connectivity)
-    if not 1 <= conn <= mask.ndim:
-        raise ValueError(f"connectivity must be in 1..{mask.ndim}, got {connectivity}")
-    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, conn))
-    if n <= 1:
-        return labels > 0
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (int(np.argmax(sizes)) + 1)
 
 
 def body_mask(

@@ -7,13 +7,13 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
 
 from shared_transforms.io import InputError, save_nifti
+from shared_transforms.postprocess import largest_component
 from shared_transforms.spatial import (
     BodyCrop,
     BodyCropd,
     ResampleToSpacing,
     ResampleToSpacingd,
     body_mask,
-    largest_component,
     world_to_array_pixdim,
 )
 
@@ -92,7 +92,7 @@ def test_largest_component_and_body_mask():
     m[0:2, 0:2] = True  # 4 voxels
     m[3:6, 3:6] = True  # 9 voxels
     m[0, 5] = True
-    np.testing.assert_array_equal(largest_component(m), np.pad(np.ones((3, 3, 1), bool), ((3, 0), (3, 0), (0, 0))))
+    np.testing.assert_array_equal(largest_component(m, connectivity=1), np.pad(np.ones((3, 3, 1), bool), ((3, 0), (3, 0), (0, 0))))
     assert not largest_component(np.zeros((3, 3, 3))).any()
     with pytest.raises(ValueError, match="connectivity"):
         largest_component(m, connectivity=4)
