@@ -142,8 +142,12 @@ class _Solid:
         c = (-self.centre[0], self.centre[1], self.centre[2])
         return _Solid(self.kind, c, self.radii, rot, self.taper, self.zmin)
 
-    def bound(self) -> float:
-        return float(max(self.radii) * max(1.0, self.taper) * (math.sqrt(3) if self.kind != "ellipsoid" or self.rot is not None else 1.0))
+    def extent(self) -> np.ndarray:
+        """Half sizes of an axis-aligned box (head coordinates) that contains the solid."""
+        a, b, c = self.radii
+        t = max(1.0, self.taper)
+        local = np.array([a * t, b * t, c], dtype=float)
+        return local if self.rot is None else np.abs(self.rot) @ local
 
     def inside(self, hx, hy, hz):
         x, y, z = hx - self.centre[0], hy - self.centre[1], hz - self.centre[2]
@@ -255,8 +259,8 @@ class _Grid:
         self.b = rotation.T @ (self.affine[:3, 3] - self.head_centre)
         self.inv = np.linalg.inv(self.M)
 
-    def index_box(self, centre, bound, margin=2):
-        corners = np.array([[centre[0] + dx * bound, centre[1] + dy * bound, centre[2] + dz * bound]
+    def index_box(self, centre, extent, margin=2):
+        corners = np.array([[centre[0] + dx * extent[0], centre[1] + dy * extent[1], centre[2] + dz * extent[2]]
                             for dx in (-1, 1) for dy in (-1, 1) for dz in (-1, 1)])
         idx = (self.inv @ (corners - self.b).T).T
         lo = np.maximum(np.floor(idx.min(0)).astype(int) - margin, 0)
@@ -277,7 +281,7 @@ class _Grid:
 
     def paint(self, target, value, solid, mirror=False):
         centre = solid.centre if not mirror else (-solid.centre[0], solid.centre[1], solid.centre[2])
-        box = self.index_box(centre, solid.bound())
+        box = self.index_box(centre, solid.extent())
         if box is None:
             return
         inside = solid.inside(*self.head_coords(box, mirror=mirror))
@@ -455,7 +459,14 @@ def _render(tissue, values, spacing, rng, noise_sd, blur_mm):
         lut[_T[name]] = v
     vol = lut[tissue]
     sigma = [blur_mm / s for s in spacing]
-    vol = ndimage.gaussian_filter(vol, sigma=sigma, truncate=2.0)
+    # blur only the bounding box of everything that is not air (plus the kernel reach)
+    occupied = np.argwhere(tissue != _T["air"])
+    if len(occupied):
+        reach = [int(math.ceil(2.0 * sg)) + 1 for sg in sigma]
+        lo = np.maximum(occupied.min(0) - reach, 0)
+        hi = np.minimum(occupied.max(0) + np.array(reach) + 1, tissue.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        vol[box] = ndimage.gaussian_filter(vol[box], sigma=sigma, truncate=2.0)
     vol += rng.standard_normal(vol.shape, dtype=np.float32) * np.float32(noise_sd)
     return vol
 
