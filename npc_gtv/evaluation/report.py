@@ -614,8 +614,11 @@ def evaluate_command(pred, truth, out, images=None, section: str = "test", penal
         progress: show a progress bar.
         nsd_tolerance_mm: tolerance of the normalised surface Dice (mm).
     """
-    summary = evaluate_folders(pred, truth, out, images=images, section=section, penalty=penalty, figures=figures,
-                               progress=progress, nsd_tolerance_mm=nsd_tolerance_mm)
+    try:
+        summary = evaluate_folders(pred, truth, out, images=images, section=section, penalty=penalty, figures=figures,
+                                   progress=progress, nsd_tolerance_mm=nsd_tolerance_mm)
+    except InputError as exc:
+        raise SystemExit(f"npc-gtv evaluate: {exc}") from None
     print((Path(out) / "summary.md").read_text())
     print(f"wrote {Path(out) / 'metrics.csv'} ({summary['n_cases']} cases), summary.json, summary.md"
           + (", figures/" if figures else ""))
@@ -630,7 +633,10 @@ def compare_command(*runs, out=None, metric: str = "dsc", alpha: float = 0.05) -
         metric: metric of the paired tests (default dsc).
         alpha: significance level for the * mark (default 0.05).
     """
-    result = compare_runs(list(runs), metric=metric, alpha=alpha)
+    try:
+        result = compare_runs(list(runs), metric=metric, alpha=alpha)
+    except (InputError, ValueError) as exc:
+        raise SystemExit(f"npc-gtv compare: {exc}") from None
     text = _compare_markdown(result)
     print(text)
     if out is not None:
@@ -660,6 +666,9 @@ def agreement_command(rater_a, rater_b, out, figures: bool = True, progress: boo
         progress: show a progress bar.
         all_metrics: report every evaluation metric instead of Dice and Jaccard only.
     """
-    summary = agreement_folders(rater_a, rater_b, out, figures=figures, progress=progress, all_metrics=all_metrics)
+    try:
+        summary = agreement_folders(rater_a, rater_b, out, figures=figures, progress=progress, all_metrics=all_metrics)
+    except InputError as exc:
+        raise SystemExit(f"npc-gtv agreement: {exc}") from None
     print((Path(out) / "summary.md").read_text())
     print(f"wrote {Path(out) / 'metrics.csv'} ({summary['n_cases']} cases)")

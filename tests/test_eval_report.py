@@ -1,0 +1,230 @@
+"""evaluate_folders / npc-gtv evaluate, compare and agreement on tiny NIfTI folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from shared_transforms.io import InputError, save_nifti
+
+from npc_gtv.evaluation.report import case_key, compare_runs, evaluate_folders, read_metrics_csv
+
+SHAPE = (24, 20, 12)
+# LPS-like affine as the phantoms use; the axial (S-I) axis is array axis 2
+AFF = np.array([[-1.0, 0, 0, 60.0], [0, -1.5, 0, 40.0], [0, 0, 2.0, -20.0], [0, 0, 0, 1.0]])
+
+
+def _cube(lo, hi, shape=SHAPE):
+    m = np.zeros(shape, dtype=np.uint8)
+    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1
+    return m
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    """Truth folder with 3 cases, prediction folder (nested, suffixed names), image folder."""
+    truth, pred, img = tmp_path / "truth", tmp_path / "pred", tmp_path / "images"
+    t_a = _cube((5, 5, 3), (15, 15, 8))  # 10 x 10 x 5
+    p_a = _cube((7, 5, 3), (17, 15, 8))  # shifted by 2 voxels in x: DSC 0.8
+    save_nifti(t_a, AFF, truth / "case_a.nii.gz")
+    save_nifti(p_a, AFF, pred / "sub" / "case_a_seg.nii.gz")
+    save_nifti(_cube((4, 4, 4), (8, 8, 8)), AFF, truth / "case_b.nii.gz")
+    save_nifti(np.zeros(SHAPE, np.uint8), AFF, pred / "case_b_pred.nii.gz")  # empty prediction
+    save_nifti(np.zeros(SHAPE, np.uint8), AFF, truth / "case_c.nii.gz")
+    save_nifti(np.zeros(SHAPE, np.uint8), AFF, pred / "case_c.nii.gz")  # both empty
+    for c in ("case_a", "case_b", "case_c"):
+        save_nifti(np.full(SHAPE, 40, np.int16), AFF, img / f"{c}_0000.nii.gz")
+    return tmp_path
+
+
+def _rows(path):
+    with open(path) as f:
+        return {r["case_id"]: r for r in csv.DictReader(f)}
+
+
+def test_case_key_suffixes():
+    assert case_key("x/npc_001_seg.nii.gz") == "npc_001"
+    assert case_key("npc_001_0000.nii.gz") == "npc_001"
+    assert case_key("npc_001_pred_seg.nii") == "npc_001"
+    assert case_key("P7_GTV.nii.gz") == "P7"
+    assert case_key("seg.nii.gz") == "seg"  # never strips a whole name
+
+
+def test_evaluate_folders_writes_report(folders):
+    out = folders / "report"
+    before = sorted(p.name for p in (folders / "pred").rglob("*"))
+    s = evaluate_folders(folders / "pred", folders / "truth", out, images=folders / "images", progress=False)
+    assert s["n_cases"] == 3
+    assert s["empty_cases"] == {"both_empty": 1, "pred_empty": 1, "truth_empty": 0}
+    rows = _rows(out / "metrics.csv")
+    assert set(rows) == {"case_a", "case_b", "case_c"}
+    assert float(rows["case_a"]["dsc"]) == pytest.approx(0.8)
+    assert float(rows["case_a"]["hd"]) == pytest.approx(2.0)  # 2 voxels of 1 mm along x
+    assert float(rows["case_a"]["volume_truth_ml"]) == pytest.approx(500 * 3.0 / 1000)
+    assert rows["case_b"]["empty_case"] == "pred_empty"
+    diag = math.sqrt(24**2 + 30**2 + 24**2)
+    assert float(rows["case_b"]["hd95"]) == pytest.approx(diag)
+    assert float(rows["case_c"]["dsc"]) == 1.0
+    # every case counts in the mean: (0.8 + 0 + 1) / 3
+    assert s["metrics"]["dsc"]["mean"] == pytest.approx(0.6)
+    assert s["metrics"]["dsc"]["median"] == pytest.approx(0.8)
+    assert s["metrics"]["dsc"]["std"] == pytest.approx(np.std([0.8, 0.0, 1.0], ddof=1))
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["metrics"]["hd95"]["n"] == 3 and on_disk["n_cases"] == 3
+    md = (out / "summary.md").read_text()
+    assert "| dsc ↑ | 0.6000 ± 0.5292 | 0.8000 |" in md
+    assert "1 both empty" in md and "1 empty prediction" in md
+    figs = out / "figures"
+    assert (figs / "box_dsc.png").stat().st_size > 1000 and (figs / "box_hd95.png").exists()
+    assert sorted(p.name for p in (figs / "overlays").iterdir()) == ["case_a.png", "case_b.png", "case_c.png"]
+    # inputs untouched
+    assert sorted(p.name for p in (folders / "pred").rglob("*")) == before
+
+
+def test_rejects_mismatched_affine_and_shape(folders):
+    bad = folders / "pred" / "case_c.nii.gz"
+    aff = AFF.copy()
+    aff[0, 3] += 5.0
+    save_nifti(np.zeros(SHAPE, np.uint8), aff, bad)
+    with pytest.raises(InputError, match=r"case_c\.nii\.gz.*affine differs"):
+        evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
+    save_nifti(np.zeros((24, 20, 11), np.uint8), AFF, bad)
+    with pytest.raises(InputError, match=r"case_c\.nii\.gz: shape \(24, 20, 11\) does not match"):
+        evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
+    assert not (folders / "r" / "metrics.csv").exists()
+
+
+def test_rejects_unmatched_duplicate_nonbinary_and_unsafe_out(folders):
+    (folders / "pred" / "case_c.nii.gz").unlink()
+    with pytest.raises(InputError, match="no prediction for 1 case.*case_c"):
+        evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
+    save_nifti(np.zeros(SHAPE, np.uint8), AFF, folders / "pred" / "case_c.nii.gz")
+    save_nifti(np.zeros(SHAPE, np.uint8), AFF, folders / "pred" / "case_c_mask.nii.gz")
+    with pytest.raises(InputError, match="duplicate prediction for case 'case_c'"):
+        evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
+    (folders / "pred" / "case_c_mask.nii.gz").unlink()
+    save_nifti(np.full(SHAPE, 2, np.uint8), AFF, folders / "pred" / "case_c.nii.gz")
+    with pytest.raises(InputError, match="must be binary"):
+        evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
+    with pytest.raises(InputError, match="inside the input folder"):
+        evaluate_folders(folders / "pred", folders / "truth", folders / "pred" / "report", figures=False, progress=False)
+
+
+def test_dataset_json_and_slice_axis_from_affine(tmp_path):
+    """A Decathlon dataset.json as truth; the S-I axis is array axis 0 here (read from the affine)."""
+    ds = tmp_path / "ds"
+    aff = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1.0]])  # axis 0 -> world z
+    t = np.zeros((10, 12, 12), np.uint8)
+    t[2:8, 4:8, 4:8] = 1  # 6 axial slices along axis 0
+    p = np.zeros_like(t)
+    p[5:9, 4:8, 4:8] = 1  # slices 5..8: 3 shared, 1 extra
+    save_nifti(t, aff, ds / "labelsTs" / "p1.nii.gz")
+    save_nifti(np.zeros_like(t, dtype=np.int16), aff, ds / "imagesTs" / "p1.nii.gz")
+    (ds / "dataset.json").write_text(json.dumps({"test": [{"case_id": "p1", "image": "imagesTs/p1.nii.gz",
+                                                            "label": "labelsTs/p1.nii.gz"}]}))
+    save_nifti(p, aff, tmp_path / "pred" / "p1" / "p1_seg.nii.gz")
+    s = evaluate_folders(tmp_path / "pred", ds / "dataset.json", tmp_path / "out", progress=False)
+    assert s["info"]["section"] == "test"
+    row = _rows(tmp_path / "out" / "metrics.csv")["p1"]
+    assert float(row["slice_recall"]) == pytest.approx(3 / 6)
+    assert float(row["slice_precision"]) == pytest.approx(3 / 4)
+    assert (tmp_path / "out" / "figures" / "overlays" / "p1.png").exists()
+    with pytest.raises(InputError, match="no 'training' list"):
+        evaluate_folders(tmp_path / "pred", ds / "dataset.json", tmp_path / "out2", section="training", progress=False)
+
+
+def test_phantom_dataset_json(small_ct_dataset, tmp_path):
+    """The evaluation runs on the embedded phantom set; truth against itself is perfect."""
+    import shutil
+
+    ds = json.loads((small_ct_dataset / "dataset.json").read_text())
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for e in ds["test"]:
+        shutil.copy(small_ct_dataset / e["label"], pred / f"{e['case_id']}_seg.nii.gz")
+    s = evaluate_folders(pred, small_ct_dataset / "dataset.json", tmp_path / "out", figures=False, progress=False)
+    assert s["n_cases"] == len(ds["test"]) >= 1
+    assert s["metrics"]["dsc"]["mean"] == pytest.approx(1.0)
+    assert s["metrics"]["hd95"]["max"] == 0.0
+
+
+def _write_run(path, dsc):
+    path.mkdir(parents=True)
+    with open(path / "metrics.csv", "w") as f:
+        f.write("case_id,dsc,hd95\n")
+        for i, d in enumerate(dsc):
+            f.write(f"c{i},{d},{10 * (1 - d)}\n")
+
+
+def test_compare_runs_wilcoxon(tmp_path, capsys):
+    from scipy.stats import wilcoxon
+
+    a = [0.80, 0.75, 0.90, 0.85, 0.70, 0.88, 0.79, 0.83]
+    b = [x - 0.05 - 0.01 * i for i, x in enumerate(a)]  # B always worse
+    c = [x + (0.01 if i % 2 else -0.01) for i, x in enumerate(a)]  # no consistent difference
+    for name, vals in (("A", a), ("B", b), ("C", c)):
+        _write_run(tmp_path / name, vals)
+    res = compare_runs([tmp_path / "A", tmp_path / "B", tmp_path / "C"])
+    assert res["runs"] == ["A", "B", "C"]
+    assert res["metrics"]["dsc"]["A"]["mean"] == pytest.approx(np.mean(a))
+    tests = {(t["a"], t["b"]): t for t in res["tests"]}
+    assert tests[("A", "B")]["p"] == pytest.approx(wilcoxon(a, b).pvalue)
+    assert tests[("A", "B")]["significant"] and tests[("A", "B")]["p"] < 0.01
+    assert not tests[("A", "C")]["significant"]
+    assert tests[("A", "B")]["n"] == 8
+
+    from npc_gtv.cli import main
+
+    main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "cmp")])
+    printed = capsys.readouterr().out
+    assert "| A | B | 8 |" in printed and " *" in printed
+    assert (tmp_path / "cmp" / "compare.md").exists() and (tmp_path / "cmp" / "figures" / "box_dsc.png").exists()
+    name, cases = read_metrics_csv(tmp_path / "A" / "metrics.csv")
+    assert name == "A" and cases["c2"]["dsc"] == 0.9
+
+
+def test_agreement_dice_and_jaccard(tmp_path, capsys):
+    from npc_gtv.cli import main
+
+    save_nifti(_cube((2, 2, 2), (6, 6, 6)), AFF, tmp_path / "ra" / "p1.nii.gz")
+    save_nifti(_cube((2, 2, 2), (6, 6, 8)), AFF, tmp_path / "rb" / "p1.nii.gz")  # 64 vs 96 voxels
+    save_nifti(_cube((1, 1, 1), (3, 3, 3)), AFF, tmp_path / "ra" / "p2.nii.gz")
+    save_nifti(_cube((1, 1, 1), (3, 3, 3)), AFF, tmp_path / "rb" / "p2.nii.gz")
+    main(["agreement", str(tmp_path / "ra"), str(tmp_path / "rb"), "--out", str(tmp_path / "agr"), "--progress", "False"])
+    assert "Inter-rater agreement" in capsys.readouterr().out
+    rows = _rows(tmp_path / "agr" / "metrics.csv")
+    assert float(rows["p1"]["dsc"]) == pytest.approx(2 * 64 / 160)
+    assert float(rows["p1"]["iou"]) == pytest.approx(64 / 96)
+    assert float(rows["p2"]["dsc"]) == 1.0
+    assert "hd95" not in rows["p1"]
+    s = json.loads((tmp_path / "agr" / "summary.json").read_text())
+    assert s["metrics"]["iou"]["mean"] == pytest.approx((64 / 96 + 1) / 2)
+    assert (tmp_path / "agr" / "figures" / "cases_dsc.png").exists()
+
+
+def test_cli_evaluate_end_to_end(folders, capsys):
+    from npc_gtv.cli import main
+
+    main(["evaluate", "--pred", str(folders / "pred"), "--truth", str(folders / "truth"), "--out", str(folders / "cli"),
+          "--figures", "False", "--progress", "False"])
+    out = capsys.readouterr().out
+    assert "| dsc ↑ | 0.6000 ± 0.5292" in out
+    assert (folders / "cli" / "metrics.csv").exists() and not (folders / "cli" / "figures").exists()
+
+
+def test_cli_evaluate_mismatch_exits_with_clear_message(folders):
+    aff = AFF.copy()
+    aff[2, 2] = 2.5
+    save_nifti(np.zeros(SHAPE, np.uint8), aff, folders / "pred" / "case_c.nii.gz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "npc_gtv.cli", "evaluate", "--pred", str(folders / "pred"), "--truth", str(folders / "truth"),
+         "--out", str(folders / "bad")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "case_c.nii.gz: affine differs" in proc.stderr
+    assert "Traceback" not in proc.stderr
