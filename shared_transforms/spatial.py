@@ -117,7 +117,8 @@ class ResampleToSpacingd(Spacingd):
     Args:
         keys: keys to resample, e.g. ``["image", "label"]``.
         pixdim: target spacing in mm, default ``(1, 1, 3)`` (see ``axis_order``).
-        mode: one mode per key, default ``("bilinear", "nearest")`` (image linear, label nearest).
+        mode: one mode for all keys or one per key; default None: ``"bilinear"`` for the first key
+            (the image) and ``"nearest"`` for every other key (labels).
         axis_order: ``"world"`` or ``"array"``, see :class:`ResampleToSpacing`.
         kwargs: passed to ``monai.transforms.Spacingd``.
 
@@ -129,10 +130,13 @@ class ResampleToSpacingd(Spacingd):
         self,
         keys: KeysCollection,
         pixdim: Sequence[float] = DEFAULT_SPACING,
-        mode=("bilinear", "nearest"),
+        mode=None,
         axis_order: str = "world",
         **kwargs,
     ) -> None:
+        if mode is None:
+            n_keys = len([keys] if isinstance(keys, (str, int)) else list(keys))
+            mode = ["bilinear"] + ["nearest"] * (n_keys - 1)
         super().__init__(keys, pixdim=pixdim, mode=mode, **kwargs)
         old = self.spacing_transform
         new = ResampleToSpacing(

@@ -54,6 +54,9 @@ def test_resample_to_spacing_world_axes():
     np.testing.assert_allclose(out.pixdim.numpy(), [3.0, 1.0, 1.0])
     arr = ResampleToSpacing(axis_order="array")(img)  # MONAI semantics: (1, 1, 3) per array axis
     assert tuple(arr.shape) == (1, 22, 19, 8)
+    # dictionary version with one key: the default mode is linear for that (image) key
+    one = ResampleToSpacingd("image")({"image": MetaTensor(torch.arange(3.0).reshape(1, 3, 1, 1), affine=torch.diag(torch.tensor([2.0, 1, 3, 1])))})
+    np.testing.assert_allclose(one["image"].numpy().ravel(), [0.0, 0.5, 1.0, 1.5, 2.0], atol=1e-6)
     with pytest.raises(ValueError, match="MetaTensor"):
         ResampleToSpacing()(torch.zeros(1, 4, 4, 4))
     with pytest.raises(ValueError, match="axis_order"):
