@@ -1,0 +1,115 @@
+"""Marching-cubes morphology (data-set paper 002) on spheres and boxes with known answers."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from shared_transforms.io import save_nifti
+
+from npc_gtv.evaluation.morphology import (
+    mask_morphology,
+    max_diameter,
+    mesh_area,
+    mesh_volume,
+    surface_regularity,
+)
+
+
+def _sphere(radius_mm, spacing):
+    n = [int(2 * radius_mm / s) + 8 for s in spacing]
+    axes = [(np.arange(k) - k / 2 + 0.5) * s for k, s in zip(n, spacing)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    return x**2 + y**2 + z**2 <= radius_mm**2
+
+
+@pytest.mark.parametrize("radius, spacing", [(20.0, (1.0, 1.0, 1.0)), (25.0, (0.5, 0.5, 1.0))])
+def test_sphere_within_two_percent(radius, spacing):
+    m = mask_morphology(_sphere(radius, spacing), spacing)
+    assert m["volume_cm3"] == pytest.approx(4 / 3 * math.pi * radius**3 / 1000, rel=0.02)
+    assert m["surface_area_cm2"] == pytest.approx(4 * math.pi * radius**2 / 100, rel=0.02)
+    assert m["max_diameter_cm"] == pytest.approx(2 * radius / 10, rel=0.02)
+    assert m["surface_regularity"] == pytest.approx(1.0, rel=0.03)
+    assert m["n_components"] == 1
+
+
+def test_sphere_on_thick_ct_slices():
+    """3 mm slices: volume and area still close; the diameter may exceed 2R by up to one slice,
+    because the mask itself reaches half a slice beyond the last slice centre inside the sphere."""
+    sp = (1.0, 1.0, 3.0)
+    m = mask_morphology(_sphere(25.0, sp), sp)
+    assert m["volume_cm3"] == pytest.approx(4 / 3 * math.pi * 25.0**3 / 1000, rel=0.01)
+    assert m["surface_area_cm2"] == pytest.approx(4 * math.pi * 25.0**2 / 100, rel=0.025)
+    assert 50.0 <= m["max_diameter_cm"] * 10 <= 50.0 + sp[2]
+
+
+def test_raw_marching_cubes_overestimates_sphere_area():
+    """The documented reason for the default smoothing: the raw staircase mesh is ~9 % too large."""
+    raw = mask_morphology(_sphere(20.0, (1, 1, 1)), (1, 1, 1), smoothing_sigma_vox=0)
+    area = 4 * math.pi * 20.0**2 / 100
+    assert 1.06 < raw["surface_area_cm2"] / area < 1.12
+    assert raw["volume_cm3"] == pytest.approx(4 / 3 * math.pi * 20.0**3 / 1000, rel=0.01)
+    assert raw["surface_regularity"] < 0.92
+
+
+def test_box_volume_area_diameter():
+    sp = (1.0, 1.0, 2.0)
+    m = np.zeros((90, 70, 28), dtype=bool)
+    m[5:85, 5:65, 4:24] = True  # 80 x 60 x 40 mm
+    v, a, d = 80 * 60 * 40, 2 * (80 * 60 + 80 * 40 + 60 * 40), math.sqrt(80**2 + 60**2 + 40**2)
+    raw = mask_morphology(m, sp, smoothing_sigma_vox=0)
+    assert raw["volume_cm3"] == pytest.approx(v / 1000, rel=0.02)
+    assert raw["surface_area_cm2"] == pytest.approx(a / 100, rel=0.02)
+    assert raw["max_diameter_cm"] == pytest.approx(d / 10, rel=0.02)
+    smooth = mask_morphology(m, sp)  # default smoothing keeps the volume, rounds the edges
+    assert smooth["volume_cm3"] == pytest.approx(v / 1000, rel=0.02)
+    assert smooth["surface_area_cm2"] == pytest.approx(a / 100, rel=0.04)
+    # regularity of a box is the sphere-relative volume for its area: (80*60*40)/(4/3 pi R^3)
+    r = math.sqrt(a / (4 * math.pi))
+    assert raw["surface_regularity"] == pytest.approx(v / (4 / 3 * math.pi * r**3), rel=0.04)
+    assert raw["voxel_volume_cm3"] == pytest.approx(v / 1000)
+
+
+def test_mesh_formulas_on_a_tetrahedron_and_cube():
+    verts = np.array([[0, 0, 0], [3, 0, 0], [0, 4, 0], [0, 0, 5]], dtype=float)
+    faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
+    assert mesh_volume(verts, faces) == pytest.approx(3 * 4 * 5 / 6)
+    area = 0.5 * (12 + 15 + 20) + 0.5 * np.linalg.norm(np.cross([-3, 4, 0], [-3, 0, 5]))
+    assert mesh_area(verts, faces) == pytest.approx(area)
+    assert max_diameter(verts) == pytest.approx(math.sqrt(41))
+    assert surface_regularity(4 / 3 * math.pi * 8, 4 * math.pi * 4) == pytest.approx(1.0)
+
+
+def test_empty_mask_and_two_components():
+    e = mask_morphology(np.zeros((8, 8, 8), bool), (1, 1, 1))
+    assert e["volume_cm3"] == 0.0 and math.isnan(e["surface_regularity"])
+    m = np.zeros((40, 20, 20), bool)
+    m[2:8, 2:8, 2:8] = True
+    m[30:36, 2:8, 2:8] = True
+    r = mask_morphology(m, (1, 1, 1), smoothing_sigma_vox=0)
+    assert r["n_components"] == 2
+    assert r["max_diameter_cm"] * 10 == pytest.approx(math.sqrt(33**2 + 5**2 + 5**2), rel=0.03)
+
+
+def test_morphology_command_csv(tmp_path, capsys):
+    from npc_gtv.cli import main
+
+    sp = (0.8, 0.8, 2.0)
+    mask = _sphere(15.0, sp).astype(np.uint8)
+    aff = np.diag([-sp[0], -sp[1], sp[2], 1.0])
+    save_nifti(mask, aff, tmp_path / "masks" / "t1" / "p1_seg.nii.gz")
+    save_nifti(mask[::-1].copy(), aff, tmp_path / "masks" / "p2.nii.gz")
+    out = tmp_path / "morph.csv"
+    main(["morphology", str(tmp_path / "masks"), "--out", str(out), "--progress", "False"])
+    assert "wrote" in capsys.readouterr().out
+    rows = {r["case_id"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"p1", "p2"}
+    v = 4 / 3 * math.pi * 15.0**3 / 1000
+    for r in rows.values():
+        assert float(r["volume_cm3"]) == pytest.approx(v, rel=0.03)
+        assert 3.0 <= float(r["max_diameter_cm"]) <= 3.0 + sp[2] / 10  # within one slice
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["morphology", str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "x.csv")])
