@@ -1,0 +1,238 @@
+"""Cascade inference of the HCF (paper section 3.1, Fig. 3).
+
+:class:`CascadeInferer` is a MONAI ``Inferer``: the evaluator passes it the pre-processed 3D
+volume and the *segmentation* network (SANet, the bundle's ``network_def``: one 2D tensor in, one
+tensor out). The inferer
+
+1. cuts the volume into axial slices (last spatial axis after ``Orientationd("RAS")``),
+2. runs the slice classifier on every slice,
+3. runs SANet only on the slices the classifier keeps (probability of "contains GTV" above
+   ``threshold``),
+4. fills the rejected slices with the background class (probability 1 for class 0, 0 for the
+   others) and stacks everything back into a ``(B, K, X, Y, Z)`` probability volume.
+
+Because the gating lives in the inferer, ``network_def`` stays a plain single-input network
+(``verify_net_in_out``, TorchScript export and MONAI Label work on it).
+
+:class:`SliceDecisionRecorder` (handler) compares the classifier's decisions with the ground-truth
+slice flags during evaluation and writes the paper's Table 3 measure (slice recall) plus
+precision, per case and overall.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from monai.inferers import Inferer
+
+from .engine import confusion_scores
+
+__all__ = ["CascadeInferer", "SliceDecisionRecorder"]
+
+logger = logging.getLogger(__name__)
+
+
+class CascadeInferer(Inferer):
+    """Classifier-gated slice-wise segmentation of a 3D volume.
+
+    Args:
+        classifier: slice classifier ``(N, C, H, W) -> (N, 2)`` logits, or ``None`` to segment every
+            slice (the "SANet alone" baseline).
+        threshold: keep a slice when ``softmax(classifier)[:, 1] > threshold``.
+        slice_batch_size: slices per forward pass (memory / speed trade-off).
+        use_classifier: False segments every slice even when a classifier is given.
+        min_kept: when no slice passes the gate, segment the ``min_kept`` slices with the highest
+            classifier probability (0, the paper's behaviour: the output is empty).
+
+    Call:
+        ``inferer(inputs (B, C, X, Y, Z), network) -> (B, K, X, Y, Z)`` probabilities (softmax of
+        SANet on kept slices, one-hot background on rejected slices). A 4D input ``(N, C, H, W)``
+        is treated as ``N`` independent slices and returns ``(N, K, H, W)``.
+
+    Attributes (of the last call):
+        last_keep: ``(B, Z)`` bool, slices sent to SANet.
+        last_prob: ``(B, Z)`` float, classifier probability of "contains GTV" (1 without classifier).
+        timings: dict with ``classifier_s``, ``segmenter_s``, ``slices``, ``kept`` (cumulated
+            over calls; :meth:`reset_timings` clears them).
+    """
+
+    def __init__(self, classifier: torch.nn.Module | None = None, threshold: float = 0.5, slice_batch_size: int = 16, use_classifier: bool = True, min_kept: int = 0):
+        super().__init__()
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if slice_batch_size < 1:
+            raise ValueError(f"slice_batch_size must be >= 1, got {slice_batch_size}")
+        if min_kept < 0:
+            raise ValueError(f"min_kept must be >= 0, got {min_kept}")
+        self.classifier = classifier
+        self.threshold = float(threshold)
+        self.slice_batch_size = int(slice_batch_size)
+        self.use_classifier = bool(use_classifier) and classifier is not None
+        self.min_kept = int(min_kept)
+        self.last_keep: torch.Tensor | None = None
+        self.last_prob: torch.Tensor | None = None
+        self.reset_timings()
+
+    def reset_timings(self) -> None:
+        self.timings = {"classifier_s": 0.0, "segmenter_s": 0.0, "slices": 0, "kept": 0}
+
+    @staticmethod
+    def _sync(device) -> None:
+        if torch.cuda.is_available() and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _batched(self, net, x: torch.Tensor) -> torch.Tensor:
+        outs = [net(x[i : i + self.slice_batch_size]) for i in range(0, x.shape[0], self.slice_batch_size)]
+        return torch.cat(outs, 0)
+
+    def classify(self, slices: torch.Tensor) -> torch.Tensor:
+        """Probability ``(N,)`` that each slice ``(N, C, H, W)`` contains GTV (ones without classifier)."""
+        if not self.use_classifier:
+            return torch.ones(slices.shape[0], device=slices.device)
+        self.classifier.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = self._batched(self.classifier, slices)
+        self._sync(slices.device)
+        self.timings["classifier_s"] += time.perf_counter() - t0
+        if logits.ndim != 2 or logits.shape[1] != 2:
+            raise ValueError(f"the classifier must return (N, 2) logits, got shape {tuple(logits.shape)}")
+        return torch.softmax(logits.float(), 1)[:, 1]
+
+    def segment_slices(self, slices: torch.Tensor, network, prob: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate and segment ``(N, C, H, W)`` slices: returns ``(probabilities (N, K, H, W), keep (N,))``."""
+        prob = self.classify(slices) if prob is None else prob
+        keep = prob > self.threshold if self.use_classifier else torch.ones_like(prob, dtype=torch.bool)
+        if self.min_kept and not keep.any():
+            keep[torch.topk(prob, min(self.min_kept, prob.numel())).indices] = True
+        idx = torch.nonzero(keep).flatten()
+        t0 = time.perf_counter()
+        seg = None
+        if idx.numel():
+            with torch.no_grad():
+                seg = torch.softmax(self._batched(network, slices[idx]).float(), 1)
+        self._sync(slices.device)
+        self.timings["segmenter_s"] += time.perf_counter() - t0
+        self.timings["slices"] += int(slices.shape[0])
+        self.timings["kept"] += int(idx.numel())
+        if seg is None:  # nothing kept: we still need K; ask the network for one slice's shape
+            with torch.no_grad():
+                k = int(network(slices[:1]).shape[1])
+            out = slices.new_zeros((slices.shape[0], k) + tuple(slices.shape[2:]), dtype=torch.float32)
+        else:
+            out = slices.new_zeros((slices.shape[0], seg.shape[1]) + tuple(slices.shape[2:]), dtype=torch.float32)
+            out[idx] = seg
+        rejected = torch.nonzero(~keep).flatten()
+        if rejected.numel():
+            out[rejected, 0] = 1.0  # background with certainty: the zero mask after arg-max
+        return out, keep
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else torch.as_tensor(inputs)
+        if x.ndim == 4:
+            out, keep = self.segment_slices(x, network)
+            self.last_keep = keep[None].cpu()
+            self.last_prob = None
+            return out
+        if x.ndim != 5:
+            raise ValueError(f"CascadeInferer expects (B, C, X, Y, Z) volumes or (N, C, H, W) slices, got shape {tuple(x.shape)}")
+        b, c, h, w, z = x.shape
+        slices = x.permute(0, 4, 1, 2, 3).reshape(b * z, c, h, w)
+        prob = self.classify(slices)
+        out, keep = self.segment_slices(slices, network, prob=prob)
+        k = out.shape[1]
+        vol = out.reshape(b, z, k, h, w).permute(0, 2, 3, 4, 1).contiguous()
+        self.last_keep = keep.reshape(b, z).cpu()
+        self.last_prob = prob.reshape(b, z).cpu()
+        return vol
+
+
+class SliceDecisionRecorder:
+    """Evaluation handler: slice recall / precision of the cascade's classifier against the truth.
+
+    At every evaluator iteration it reads the pre-processed label(s) of the batch (``label_key``,
+    same grid as the classifier's input) and the inferer's ``last_keep``; at completion it writes
+    ``<output_dir>/slice_classification.json`` (overall and per case) and ``slice_classification.csv``.
+
+    Args:
+        inferer: the :class:`CascadeInferer` used by the evaluator.
+        output_dir: report folder.
+        label_key: key of the pre-processed label in the batch.
+    """
+
+    def __init__(self, inferer: CascadeInferer, output_dir, label_key: str = "label"):
+        self.inferer = inferer
+        self.output_dir = Path(output_dir)
+        self.label_key = label_key
+        self.records: list[dict] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda e: self.records.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    @staticmethod
+    def _items(batch) -> list:
+        if isinstance(batch, dict):
+            return [batch]
+        return list(batch)
+
+    def iteration(self, engine) -> None:
+        keep = self.inferer.last_keep
+        if keep is None:
+            return
+        items = self._items(engine.state.batch)
+        labels, names = [], []
+        for it in items:
+            if self.label_key not in it:
+                raise KeyError(f"SliceDecisionRecorder needs {self.label_key!r} in the batch (evaluate.yaml loads it)")
+            lab = torch.as_tensor(it[self.label_key])
+            labels.extend(lab if lab.ndim == 5 else [lab])
+            meta = getattr(it.get("image"), "meta", {}) or {}
+            name = it.get("case_id") or meta.get("filename_or_obj", "case")
+            names.extend(name if isinstance(name, (list, tuple)) else [name])
+        for i, lab in enumerate(labels):
+            truth = (torch.as_tensor(lab) > 0).flatten(0, -2).any(0).cpu().numpy()
+            pred = keep[i].numpy().astype(bool)
+            if truth.shape != pred.shape:
+                raise ValueError(f"{names[i]}: {pred.shape[0]} classified slices but the label has {truth.shape[0]}")
+            case = Path(str(names[i])).name.split(".")[0]
+            tp, fp = int((pred & truth).sum()), int((pred & ~truth).sum())
+            fn, tn = int((~pred & truth).sum()), int((~pred & ~truth).sum())
+            self.records.append({"case_id": case, "tp": tp, "fp": fp, "fn": fn, "tn": tn, **{k: v for k, v in confusion_scores(tp, fp, fn, tn).items() if k in ("recall", "precision")}})
+
+    def summary(self) -> dict:
+        tot = {k: sum(r[k] for r in self.records) for k in ("tp", "fp", "fn", "tn")}
+        scores = confusion_scores(**{k: float(v) for k, v in tot.items()})
+        return {
+            "slices": int(sum(tot.values())),
+            "kept": int(tot["tp"] + tot["fp"]),
+            **tot,
+            **{k: scores[k] for k in ("recall", "precision", "specificity", "accuracy")},
+            "threshold": self.inferer.threshold,
+            "cases": self.records,
+        }
+
+    def completed(self, engine=None) -> dict:
+        from shared_transforms.io import atomic_write
+
+        summary = self.summary()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.output_dir / "slice_classification.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, default=float))
+        with atomic_write(self.output_dir / "slice_classification.csv") as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=["case_id", "tp", "fp", "fn", "tn", "recall", "precision"])
+                w.writeheader()
+                for r in self.records:
+                    w.writerow(r)
+        logger.info("slice classifier: recall %.3f, precision %.3f over %d slices", summary["recall"], summary["precision"], summary["slices"])
+        return summary
+
