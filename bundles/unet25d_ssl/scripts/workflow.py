@@ -1,0 +1,236 @@
+"""Workflow helpers of the UNet-2.5D bundle: step decay, training all five scales, ensemble assembly.
+
+* :func:`step_decay` -- the paper's schedule: Adam at 1e-3 with a decay of ``1e-4`` every 150
+  epochs. The paper's sentence ("decay factor of 1e-4 for every 150 epochs") has two readings:
+  ``mode="subtract"`` (default) lowers the rate by 1e-4 every 150 epochs (1e-3, 9e-4, ... 5e-4 at
+  epoch 750), which keeps training meaningful for all 900 epochs; ``mode="multiply"`` multiplies it
+  by the factor (1e-3 -> 1e-7 after 150 epochs, i.e. training effectively stops there).
+* :func:`train_all_scales` -- one command trains the five scale models in sequence (each in its
+  own ``python -m monai.bundle run training ... --scale <s>`` process, with exactly the
+  command line's other arguments) and then :func:`assemble_ensemble` writes ``ckpt_dir/model.pt``.
+* :func:`assemble_ensemble` -- the ensemble's single weights file: with a shared (frozen,
+  pretrained) encoder, ONE copy of the encoder plus five decoders; otherwise five full networks.
+  ``ckpt_dir/ensemble.json`` records the layout, read back by :func:`ensemble_layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from shared_transforms.io import InputError, atomic_write
+
+from .transforms import SCALES, scale_index
+
+__all__ = [
+    "StepDecay",
+    "step_decay",
+    "scale_dir",
+    "assemble_ensemble",
+    "ensemble_layout",
+    "train_all_scales",
+    "fuse_batchnorm_",
+    "FuseBatchNorm",
+]
+
+
+class StepDecay:
+    """Learning-rate factor ``f(epoch)`` for ``torch.optim.lr_scheduler.LambdaLR`` (picklable).
+
+    Args:
+        base_lr: initial learning rate (1e-3).
+        step_epochs: epochs between decays (150).
+        decay: the paper's decay value (1e-4).
+        mode: ``"subtract"``: ``lr = base_lr - decay * floor(epoch / step_epochs)`` (floored at
+            ``min_fraction * base_lr``); ``"multiply"``: ``lr = base_lr * decay ** floor(...)``.
+        min_fraction: lower bound of the factor in ``subtract`` mode.
+    """
+
+    def __init__(self, base_lr: float = 1e-3, step_epochs: int = 150, decay: float = 1e-4, mode: str = "subtract", min_fraction: float = 0.01):
+        if mode not in ("subtract", "multiply"):
+            raise ValueError(f"mode must be 'subtract' or 'multiply', got {mode!r}")
+        if step_epochs < 1 or base_lr <= 0 or decay < 0:
+            raise ValueError(f"need step_epochs >= 1, base_lr > 0, decay >= 0 (got {step_epochs}, {base_lr}, {decay})")
+        self.base_lr, self.step_epochs, self.decay, self.mode, self.min_fraction = float(base_lr), int(step_epochs), float(decay), mode, float(min_fraction)
+
+    def __call__(self, epoch: int) -> float:
+        k = int(epoch) // self.step_epochs
+        if self.mode == "multiply":
+            return self.decay**k
+        return max(self.min_fraction, 1.0 - self.decay * k / self.base_lr)
+
+
+def step_decay(optimizer, base_lr: float = 1e-3, step_epochs: int = 150, decay: float = 1e-4, mode: str = "subtract"):
+    """``LambdaLR`` with :class:`StepDecay`; step it once per epoch (``LrScheduleHandler(epoch_level=True)``)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, StepDecay(base_lr, step_epochs, decay, mode))
+
+
+def scale_dir(ckpt_dir, scale) -> str:
+    """Folder of one scale's checkpoints: ``ckpt_dir/<scale name>``."""
+    return str(Path(ckpt_dir) / SCALES[scale_index(scale)])
+
+
+def _load(path) -> dict:
+    from npc_gtv.training import load_weights
+
+    return dict(load_weights(path))
+
+
+def assemble_ensemble(ckpt_dir, scales: Sequence = SCALES, shared_encoder: bool = True, encoder_path=None, out_name: str = "model.pt") -> Path:
+    """Write the ensemble's weights ``ckpt_dir/<out_name>`` from the per-scale ``model.pt`` files.
+
+    Args:
+        ckpt_dir: folder holding ``<scale>/model.pt`` for each scale.
+        scales: the member scales, in ensemble order.
+        shared_encoder: True: members are decoders (or full networks whose ``decoder.*`` part is
+            taken) sharing the encoder in ``encoder_path``; False: members are full networks.
+        encoder_path: the pretrained (frozen) encoder file (``encoder.pt`` of ``pretrain.yaml``).
+
+    Returns:
+        the written path. ``ckpt_dir/ensemble.json`` records ``{"shared_encoder", "scales"}``.
+
+    Raises:
+        InputError: a missing member file or encoder file (named).
+    """
+    from .network import UNet25DEnsemble
+
+    ckpt_dir = Path(ckpt_dir)
+    names = [SCALES[scale_index(s)] for s in scales]
+    states = [_load(ckpt_dir / n / "model.pt") for n in names]
+    ens = UNet25DEnsemble(num_members=len(names), shared_encoder=bool(shared_encoder))
+    if shared_encoder:
+        if not encoder_path:
+            raise ValueError("a shared-encoder ensemble needs encoder_path (the pretrained encoder.pt)")
+        ens.load_members(states, _load(encoder_path))
+    else:
+        ens.load_members(states)
+    out = ckpt_dir / out_name
+    with atomic_write(out) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in ens.state_dict().items()}, tmp)
+    with atomic_write(ckpt_dir / "ensemble.json") as tmp:
+        tmp.write_text(json.dumps({"shared_encoder": bool(shared_encoder), "scales": names}, indent=2))
+    print(f"ensemble of {len(names)} scale models ({'one shared encoder' if shared_encoder else 'independent encoders'}) written to {out}", flush=True)
+    return out
+
+
+def ensemble_layout(ckpt_dir, key: str = "shared_encoder", default=True):
+    """Read ``key`` of ``ckpt_dir/ensemble.json`` (written by :func:`assemble_ensemble`), else ``default``."""
+    p = Path(ckpt_dir) / "ensemble.json"
+    if not p.is_file():
+        return default
+    try:
+        return json.loads(p.read_text()).get(key, default)
+    except json.JSONDecodeError as exc:
+        raise InputError(p, f"is not valid JSON ({exc})") from exc
+
+
+def _strip_option(args: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == f"--{name}":
+            skip = True
+            continue
+        if a.startswith(f"--{name}="):
+            continue
+        out.append(a)
+    return out
+
+
+def train_all_scales(
+    scales: Sequence = SCALES,
+    ckpt_dir=None,
+    shared_encoder: bool = True,
+    encoder_path=None,
+    run_id: str = "train_all",
+    train_id: str = "training",
+    argv: Sequence[str] | None = None,
+) -> Path:
+    """Train the scale models one after the other, then assemble the ensemble.
+
+    Called from ``train.yaml``'s ``train_all`` entry; each scale runs as
+    ``python -m monai.bundle run <train_id> <the same arguments> --scale <name>`` so that every
+    override of the command line (data set, epochs, quick.yaml, ...) applies to all five. A scale
+    whose training already finished is skipped quickly (the resumable checkpoint is complete).
+
+    Args:
+        scales: scales to train, in ensemble order.
+        ckpt_dir: the bundle's ``ckpt_dir`` (per-scale folders are created inside).
+        shared_encoder: assemble one shared encoder (frozen-encoder training) or full members.
+        encoder_path: pretrained encoder file for ``shared_encoder``.
+        run_id: this entry's id on the command line (replaced by ``train_id``).
+        train_id: id of the single-scale training workflow.
+        argv: command line to replay (default ``sys.argv``).
+    """
+    args = list(sys.argv if argv is None else argv)
+    if run_id not in args:
+        raise ValueError(f"cannot find the run id {run_id!r} in the command line {args}")
+    pos = args.index(run_id)
+    rest = _strip_option(args[pos + 1 :], "scale")
+    prefix = args[1:pos]  # e.g. ["run"]
+    for s in scales:
+        name = SCALES[scale_index(s)]
+        cmd = [sys.executable, "-m", "monai.bundle", *prefix, train_id, *rest, "--scale", name]
+        print(f"=== training scale {name} ===\n{' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=dict(os.environ))
+        if proc.returncode != 0:
+            raise RuntimeError(f"training of scale {name} failed (exit code {proc.returncode}); rerun the same command to resume")
+        print(f"=== scale {name} done in {time.time() - t0:.1f} s ===", flush=True)
+    return assemble_ensemble(ckpt_dir, scales, shared_encoder, encoder_path)
+
+
+def fuse_batchnorm_(module: torch.nn.Module) -> torch.nn.Module:
+    """Fold every ``Conv3d/ConvTranspose3d -> BatchNorm3d`` pair of ``nn.Sequential`` blocks, in place.
+
+    For inference only (the module must be in eval mode): the convolution takes the BatchNorm's
+    affine map and running statistics and the BatchNorm becomes ``nn.Identity``. Outputs are
+    unchanged up to float rounding; CPU inference is about twice as fast. The state dict changes
+    (no BatchNorm entries), so fuse after the weights are loaded and never save a fused model as a
+    checkpoint.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if module.training:
+        raise ValueError("fuse_batchnorm_ needs a module in eval mode")
+    for child in module.modules():
+        if isinstance(child, torch.nn.Sequential):
+            for i in range(len(child) - 1):
+                conv, bn = child[i], child[i + 1]
+                if isinstance(conv, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) and isinstance(bn, torch.nn.BatchNorm3d):
+                    child[i] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, torch.nn.ConvTranspose3d))
+                    child[i + 1] = torch.nn.Identity()
+    return module
+
+
+class FuseBatchNorm:
+    """Ignite handler for inference configs: fuse BatchNorm into the convolutions after loading.
+
+    Attach it AFTER the checkpoint loader in ``handlers`` (both run at ``Events.STARTED``, in
+    attach order). ``enabled=False`` makes it a no-op.
+    """
+
+    def __init__(self, network: torch.nn.Module, enabled: bool = True):
+        self.network = network
+        self.enabled = bool(enabled)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine=None) -> None:
+        if self.enabled:
+            net = self.network.module if hasattr(self.network, "module") else self.network
+            net.eval()
+            fuse_batchnorm_(net)
