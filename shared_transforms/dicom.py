@@ -42,6 +42,7 @@ __all__ = [
     "select_series",
     "read_dicom_series",
     "is_dicom_path",
+    "load_volume",
     "LPS_TO_RAS",
     "DicomSeriesReader",
 ]
@@ -377,6 +378,24 @@ def read_dicom_series(
     array = np.stack([pixels[i].T for i in order], axis=-1).astype(dtype)
     logger.info("read DICOM series %s: %d slices, shape %s", info.uid, len(order), array.shape)
     return DicomVolume(array=array, affine=affine, headers=[headers[i] for i in order], files=files, series=info)
+
+
+def load_volume(path, *, series_uid: str | None = None, modality=("CT",), dtype=None, **nifti_kwargs):
+    """Read an image from a NIfTI file or a DICOM series folder with the project's checks.
+
+    A drop-in for :func:`shared_transforms.io.load_nifti` in tools that should also accept DICOM:
+    directories (and ``.dcm`` files) go through :func:`read_dicom_series`, anything else through
+    ``load_nifti``.
+
+    Returns:
+        ``(array (X, Y, Z), affine voxel->RAS)``.
+    """
+    from shared_transforms.io import load_nifti
+
+    if Path(path).is_dir() or Path(path).suffix.lower() == ".dcm":
+        vol = read_dicom_series(path, series_uid, modality=modality)
+        return (vol.array if dtype is None else vol.array.astype(dtype)), vol.affine
+    return load_nifti(path, dtype=dtype, **nifti_kwargs)
 
 
 # --------------------------------------------------------------------------------------------

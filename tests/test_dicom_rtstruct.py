@@ -48,6 +48,8 @@ def test_slice_contours_islands_holes_hand_computed():
     m[8:10, 8:11] = 1  # 2x3 island
     polys = mask_slice_contours(m)
     assert len(polys) == 2
+    # straight runs are merged: each outline is an octagon (4 edges + 4 cut corners)
+    assert sorted(len(p) for p in polys) == [8, 8]
     # marching squares at 0.5 cuts each convex corner by a triangle of area 1/8: 25 - 4/8, 6 - 4/8
     assert sorted(_shoelace(p) for p in polys) == pytest.approx([5.5, 24.5])
     m[3, 3] = 0  # one-pixel hole inside the square: its outline is a diamond of area 1/2
@@ -169,8 +171,12 @@ def test_dciodvfy_reports_no_errors(cases, tmp_path):
         assert ("RTStructureSet" if path.name == "RS.dcm" else "Segmentation") in report
 
 
-def test_commands_end_to_end_and_input_safety(cases, tmp_path, capsys):
+def test_commands_end_to_end_and_input_safety(cases, tmp_path, capsys, caplog):
+    import logging
+
     from npc_gtv.cli import main
+
+    caplog.set_level(logging.DEBUG)
 
     ph, ct_dir, mask_path = cases[0]
     # DICOM CT -> NIfTI; a mask on that NIfTI's grid -> RTSTRUCT and SEG
@@ -180,6 +186,7 @@ def test_commands_end_to_end_and_input_safety(cases, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "re-rasterised Dice 1.0000" in printed and "read back exactly" in printed
     assert "Doe" not in printed and "Jane" not in printed
+    assert "RTSTRUCT" in caplog.text and "Doe" not in caplog.text and "Jane" not in caplog.text
     rs = pydicom.dcmread(tmp_path / "RS.dcm")
     assert rs.StructureSetROISequence[0].ROIName == "GTV_auto"
     assert list(rs.ROIContourSequence[0].ROIDisplayColor) == [0, 128, 255]

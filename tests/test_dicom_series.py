@@ -196,6 +196,18 @@ def test_loadimaged_reports_bad_series_instead_of_falling_back(tmp_path):
         LoadImaged(keys="image", reader=DicomSeriesReader)({"image": str(tmp_path / "s")})
 
 
+def test_load_volume_accepts_dicom_and_nifti(phantom_ct, tmp_path):
+    from shared_transforms.dicom import load_volume
+
+    ph, folder = phantom_ct
+    nii = save_nifti(ph.image, ph.affine, tmp_path / "ct.nii.gz")
+    (a, aa), (b, ba) = load_volume(folder), load_volume(nii)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(aa, ba, atol=1e-4)
+    with pytest.raises(InputError, match="no DICOM image"):
+        load_volume(tmp_path)
+
+
 def test_dicom2nifti_command(phantom_ct, tmp_path, capsys):
     from npc_gtv.cli import main
 
