@@ -177,11 +177,14 @@ def _as_bool(mask, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2D or 3D mask, got shape {arr.shape}")
     if arr.dtype == bool:
         return arr
+    # min/max reductions instead of np.unique: NIfTI arrays are Fortran-ordered and np.unique
+    # would make a (slow) C-ordered copy of the whole volume
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN/inf values")
-    values = np.unique(arr)
-    if not np.all(np.isin(values, (0, 1))):
-        raise ValueError(f"{name} must be binary (0/1), found values {values[:6].tolist()}")
+    if arr.size and (arr.min() < 0 or arr.max() > 1 or (not np.issubdtype(arr.dtype, np.integer) and np.any((arr != 0) & (arr != 1)))):
+        values = np.unique(np.ravel(arr, order="K"))
+        bad = values[(values != 0) & (values != 1)]
+        raise ValueError(f"{name} must be binary (0/1), found values {bad[:6].tolist()}")
     return arr.astype(bool)
 
 

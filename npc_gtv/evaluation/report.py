@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_transforms.io import InputError, atomic_write, check_same_grid, load_label, load_nifti
+from shared_transforms.io import InputError, atomic_write, check_same_grid, load_nifti
 
 from .metrics import (
     EMPTY_BOTH,
@@ -352,13 +352,28 @@ def write_report(
 # ----------------------------------------------------------------------------------------------
 # evaluation of folders
 # ----------------------------------------------------------------------------------------------
-def _load_pair(pred_path: Path, truth_path: Path):
-    truth, t_aff = load_label(truth_path)
-    pred_raw, p_aff = load_nifti(pred_path)
-    check_same_grid(truth.shape, t_aff, pred_raw.shape, p_aff, truth_path, pred_path)
+def _load_mask(path: Path):
+    """Read a binary mask; fast validity check, the shared checker only to word an error."""
     from shared_transforms.io import check_label_array
 
-    pred = check_label_array(pred_raw, pred_path)
+    arr, affine = load_nifti(path)
+    ok = arr.dtype == bool or (
+        arr.size
+        and (np.issubdtype(arr.dtype, np.integer) or np.all(np.isfinite(arr)))
+        and arr.min() >= 0
+        and arr.max() <= 1
+        and (np.issubdtype(arr.dtype, np.integer) or not np.any((arr != 0) & (arr != 1)))
+    )
+    if not ok:
+        check_label_array(np.ravel(arr, order="K"), path)  # raises InputError naming the values
+        raise InputError(path, "label must be binary (0/1)")
+    return arr.astype(bool), affine
+
+
+def _load_pair(pred_path: Path, truth_path: Path):
+    truth, t_aff = _load_mask(truth_path)
+    pred, p_aff = _load_mask(pred_path)
+    check_same_grid(truth.shape, t_aff, pred.shape, p_aff, truth_path, pred_path)
     return pred, truth, t_aff
 
 
