@@ -1,0 +1,299 @@
+"""Symmetric (mid-sagittal) registration: geometry helpers, recovered pose, exact label inverse, failures.
+
+All volumes are small phantoms (96 x 96 x 32, 2.4 x 2.4 x 3 mm); a registration takes well under a
+second on one core once ITK is loaded (the first ITK import costs 10-20 s per process).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+
+from npc_gtv.phantoms import make_phantom
+from shared_transforms.io import InputError
+from shared_transforms.symmetry import (
+    SymmetricAlign,
+    SymmetricAlignd,
+    SymmetryError,
+    apply_symmetry,
+    estimate_symmetry,
+    grid_mirror_matrix,
+    grid_plane,
+    invert_symmetry,
+    make_symmetric_atlas,
+    plane_angle_error_deg,
+    plane_distance_mm,
+    plane_from_reflection,
+    ras_to_lps_matrix,
+)
+
+
+def _meta(array, affine, name="case"):
+    return MetaTensor(torch.as_tensor(np.asarray(array)[None]), affine=torch.as_tensor(affine), meta={"filename_or_obj": name})
+
+
+def _errors(result, info):
+    ang = plane_angle_error_deg(result.plane_normal, info["plane_normal"])
+    dist = plane_distance_mm(result.plane_normal, result.plane_point, info["plane_normal"], info["plane_point"])
+    return ang, dist
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_grid_mirror_matrix_is_the_array_flip_for_a_dicom_like_affine():
+    affine = np.diag([-2.0, -3.0, 4.0, 1.0])
+    affine[:3, 3] = [10.0, 20.0, -5.0]
+    shape = (5, 6, 7)
+    S = grid_mirror_matrix(affine, shape)
+    # voxel (1, 2, 3) must go to voxel (5 - 1 - 1, 2, 3)
+    p = affine @ np.array([1, 2, 3, 1.0])
+    q = np.linalg.inv(affine) @ (S @ p)
+    np.testing.assert_allclose(q[:3], [3, 2, 3], atol=1e-12)
+    np.testing.assert_allclose(S[:3, :3], np.diag([-1.0, 1.0, 1.0]), atol=1e-12)
+    # the grid centre plane is x = 10 - 2 * 2 = 6 mm
+    normal, centre = grid_plane(affine, shape)
+    np.testing.assert_allclose(normal, [1, 0, 0])
+    np.testing.assert_allclose(centre, [6.0, 20 - 7.5, -5 + 12.0])
+
+
+def test_plane_from_reflection_recovers_a_known_plane():
+    n = np.array([np.cos(np.radians(10)), np.sin(np.radians(10)), 0.0])
+    d = 7.0
+    P = np.eye(4)
+    P[:3, :3] = np.eye(3) - 2 * np.outer(n, n)
+    P[:3, 3] = 2 * d * n
+    normal, point, residual = plane_from_reflection(P, point=[30.0, -4.0, 2.0])
+    np.testing.assert_allclose(normal, n, atol=1e-12)
+    assert abs(normal @ point - d) < 1e-9
+    assert residual < 1e-6
+    # a reflection followed by a 3 degree rotation about the normal is not a pure reflection
+    Q = P.copy()
+    Q[:3, :3] = P[:3, :3] @ _rot_about(n, 3.0)
+    _, _, residual = plane_from_reflection(Q, point=[0, 0, 0])
+    assert abs(residual - 3.0) < 1e-6
+
+
+def _rot_about(axis, deg):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.radians(deg)
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def test_ras_lps_conversion_of_a_translation():
+    m = np.eye(4)
+    m[:3, 3] = [1.0, 2.0, 3.0]  # RAS shift: +1 mm towards the patient's left is -1 mm in LPS x
+    np.testing.assert_allclose(ras_to_lps_matrix(m)[:3, 3], [-1.0, -2.0, 3.0])
+    np.testing.assert_allclose(ras_to_lps_matrix(ras_to_lps_matrix(m)), m)
+
+
+def test_plane_metrics_hand_computed():
+    assert plane_angle_error_deg([1, 0, 0], [np.cos(np.radians(2)), np.sin(np.radians(2)), 0]) == pytest.approx(2.0)
+    assert plane_angle_error_deg([1, 0, 0], [-1, 0, 0]) == pytest.approx(0.0)
+    # parallel planes 1.5 mm apart
+    assert plane_distance_mm([1, 0, 0], [1.5, 9, 9], [1, 0, 0], [0, 0, 0]) == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize(
+    "seed, pose, tumour",
+    [
+        (3, {"yaw_deg": 9.0, "roll_deg": -7.0, "pitch_deg": 3.0, "translation_mm": [15.0, -10.0, 5.0]}, True),
+        (4, {"yaw_deg": -10.0, "roll_deg": 10.0, "translation_mm": [-20.0, 20.0, 0.0]}, False),
+    ],
+)
+def test_atlas_free_recovers_the_posed_plane(seed, pose, tumour):
+    ph = make_phantom(seed, size="small", tumour=tumour, pose=pose)
+    result = estimate_symmetry(ph.image, ph.affine, case=f"phantom{seed}")
+    ang, dist = _errors(result, ph.info)
+    assert result.ok, result.problems
+    assert ang < 1.0 and dist < 1.0, (ang, dist)
+    rep = result.report()
+    assert rep["plane_yaw_deg"] == pytest.approx(pose["yaw_deg"], abs=1.0)
+    assert rep["plane_roll_deg"] == pytest.approx(pose["roll_deg"], abs=1.0)
+    assert rep["asymmetry_after"] < 0.5 * rep["asymmetry_before"]
+    assert rep["reflection_residual_deg"] < 1.0
+    json.dumps(rep)  # serialisable
+
+
+def test_atlas_free_on_mri_intensities():
+    ph = make_phantom(8, size="small", modality="mri", pose={"yaw_deg": 7.0, "roll_deg": 5.0, "translation_mm": [10.0, 0, 0]})
+    result = estimate_symmetry(ph.image["t2"], ph.affine, case="mri8")
+    ang, dist = _errors(result, ph.info)
+    assert result.ok, result.problems
+    assert ang < 1.0 and dist < 1.0, (ang, dist)
+
+
+def test_aligned_image_is_mirror_symmetric_on_the_grid():
+    ph = make_phantom(6, size="small", tumour=False, pose={"yaw_deg": 8.0, "roll_deg": -6.0, "translation_mm": [12.0, 0, 0]})
+    out = SymmetricAlign()(_meta(ph.image.astype(np.float32), ph.affine, "sym6"))
+    a = np.clip(out[0].numpy(), -200, 300)
+    b = np.clip(ph.image.astype(np.float32), -200, 300)
+    before = np.abs(b - b[::-1]).mean()
+    after = np.abs(a - a[::-1]).mean()
+    assert after < 0.3 * before, (before, after)  # what remains is mostly the 12 HU noise (floor about 14)
+    assert out.meta["symmetry_ok"] is True
+    np.testing.assert_allclose(out.affine.numpy(), ph.affine)  # output_affine="grid" keeps the grid
+
+
+def test_physical_output_affine_records_the_scanner_position():
+    ph = make_phantom(6, size="small", tumour=False, pose={"yaw_deg": 8.0, "translation_mm": [12.0, 0, 0]})
+    out = SymmetricAlign(output_affine="physical")(_meta(ph.image.astype(np.float32), ph.affine))
+    T = out.meta["symmetry_transform"].numpy()
+    np.testing.assert_allclose(out.affine.numpy(), T @ ph.affine, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- inverse
+
+
+def _forward_read_mask(result, shape):
+    """Original voxels read by the forward nearest-neighbour map (computed independently of the code under test)."""
+    idx_map = np.linalg.inv(result.input_affine) @ result.transform @ result.output_affine
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in result.output_shape], indexing="ij"), -1).reshape(-1, 3)
+    src = np.floor(grid @ idx_map[:3, :3].T + idx_map[:3, 3] + 0.5).astype(int)
+    ok = np.all((src >= 0) & (src < np.asarray(shape)), axis=1)
+    read = np.zeros(shape, dtype=bool)
+    read[tuple(src[ok].T)] = True
+    return read
+
+
+def test_invertd_returns_labels_to_the_original_grid_exactly():
+    ph = make_phantom(5, size="small", tumour=True)  # random pose
+    data = {"image": _meta(ph.image.astype(np.float32), ph.affine, "case5"), "label": _meta(ph.label, ph.affine, "case5")}
+    pre = Compose([SymmetricAlignd(keys=["image", "label"])])
+    out = pre(data)
+    assert out["label"].dtype == torch.uint8
+    out["pred"] = out["label"].clone()  # a "prediction" that is exactly the forward-moved label
+    inv = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(out)["pred"]
+    assert tuple(inv.shape) == (1,) + ph.label.shape
+    np.testing.assert_array_equal(inv.affine.numpy(), ph.affine)
+    back = inv[0].numpy()
+    estimate = estimate_symmetry(ph.image, ph.affine)  # deterministic: same transform as the pipeline
+    np.testing.assert_allclose(estimate.transform, out["image"].meta["symmetry_transform"].numpy(), atol=1e-9)
+    read = _forward_read_mask(estimate, ph.label.shape)
+    # exact on every voxel the forward map read, and the label lost (almost) nothing elsewhere
+    np.testing.assert_array_equal(back[read], ph.label[read])
+    assert int((back != ph.label).sum()) <= max(3, int(0.03 * ph.label.sum()))
+    # the image goes back too (bilinear), to the same grid
+    img_inv = Invertd(keys="image", transform=pre, orig_keys="image")(dict(out))["image"]
+    np.testing.assert_array_equal(img_inv.affine.numpy(), ph.affine)
+    assert tuple(img_inv.shape) == (1,) + ph.label.shape
+
+
+def test_nearest_inverse_is_exact_for_a_pure_voxel_shift_and_a_rotation_keeps_read_voxels():
+    rng = np.random.default_rng(0)
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])
+    label = (rng.random((20, 18, 10)) > 0.7).astype(np.uint8)
+    label[:3] = label[-3:] = 0  # keep the border empty so nothing leaves the grid
+    shift = np.eye(4)
+    shift[:3, 3] = [2.0 * 2, 0.0, -3.0]  # two voxels in x, one in z (world mm)
+    fwd = apply_symmetry(label, shift, affine, label.shape, affine, "nearest")
+    back, unread = invert_symmetry(fwd, shift, label.shape, affine, affine, "nearest")
+    inner = np.zeros_like(label, dtype=bool)
+    inner[:, :, :-1] = True  # output voxel k reads input k - 1: the last input slice is read by nobody
+    np.testing.assert_array_equal(back[inner], label[inner])
+    assert unread == 2 * 18 * 10 + 20 * 18 - 2 * 18  # x: the 2 top rows; z: the last slice (overlap counted once)
+    # a 7 degree rotation about z: still exact wherever the forward map read
+    a = np.radians(7.0)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    fwd = apply_symmetry(label, rot, affine, label.shape, affine, "nearest")
+    back, unread = invert_symmetry(fwd, rot, label.shape, affine, affine, "nearest")
+
+    class _R:  # minimal stand-in for a SymmetryResult
+        input_affine = output_affine = affine
+        transform = rot
+        output_shape = label.shape
+
+    read = _forward_read_mask(_R, label.shape)
+    np.testing.assert_array_equal(back[read], label[read])
+    assert unread == int((~read).sum()) > 0
+
+
+# ----------------------------------------------------------------------------- atlas mode
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    ref = make_phantom(21, size="small", tumour=False, pose={"yaw_deg": 4.0, "roll_deg": -3.0, "translation_mm": [6, 0, 0]})
+    arr, aff, result = make_symmetric_atlas(ref.image, ref.affine, case="atlas21")
+    return arr, aff
+
+
+def test_made_atlas_is_exactly_symmetric(atlas):
+    arr, aff = atlas
+    np.testing.assert_array_equal(arr, arr[::-1])  # axis 0 is left-right for diag(-sx, -sy, sz)
+
+
+@pytest.mark.parametrize("atlas_transform", ["rigid", "affine"])
+def test_atlas_mode_recovers_the_posed_plane(atlas, atlas_transform):
+    ph = make_phantom(22, size="small", tumour=True, pose={"yaw_deg": -8.0, "roll_deg": 6.0, "translation_mm": [-15.0, 10.0, 5.0]})
+    result = estimate_symmetry(ph.image, ph.affine, atlas=atlas, atlas_transform=atlas_transform, case="p22")
+    ang, dist = _errors(result, ph.info)
+    assert result.ok, result.problems
+    assert result.mode == "atlas" and result.metric == "mattes"
+    assert ang < 1.0 and dist < 1.0, (ang, dist)
+    assert result.output_shape == atlas[0].shape
+
+
+# ----------------------------------------------------------------------------- failure paths
+
+
+def test_non_3d_input_names_the_case():
+    with pytest.raises(InputError, match=r"flat\.nii\.gz.*expected a 3D volume"):
+        estimate_symmetry(np.zeros((30, 30), np.float32), np.eye(4), case="flat.nii.gz")
+    with pytest.raises(InputError, match=r"vol4d.*channel-first"):
+        SymmetricAlign().estimate(MetaTensor(torch.zeros(30, 30, 30)), case="vol4d")
+
+
+def test_not_enough_head_in_view_is_an_error():
+    ph = make_phantom(9, size="small", tumour=False, pose="identity")
+    img = ph.image.copy()
+    img[:, :, 3:] = -1000  # only three slices of anatomy left
+    with pytest.raises(InputError, match=r"case9.*not enough head in view"):
+        estimate_symmetry(img, ph.affine, case="case9")
+
+
+def test_failed_registration_is_flagged_and_never_silent():
+    ph = make_phantom(10, size="small", tumour=False, pose={"yaw_deg": 10.0, "translation_mm": [5.0, 0, 0]})
+    img = _meta(ph.image.astype(np.float32), ph.affine, "bad10.nii.gz")
+    # a plane tilted by 10 degrees is rejected when at most 2 degrees are allowed
+    with pytest.raises(SymmetryError, match=r"bad10\.nii\.gz.*tilted"):
+        SymmetricAlign(max_angle_deg=2.0)(img)
+    with pytest.warns(UserWarning, match=r"bad10\.nii\.gz.*tilted"):
+        out = SymmetricAlign(max_angle_deg=2.0, on_failure="warn")(img)
+    assert out.meta["symmetry_ok"] is False
+    assert json.loads(out.meta["symmetry_report"])["ok"] is False
+    with pytest.warns(UserWarning, match="identity"):
+        out = SymmetricAlign(max_angle_deg=2.0, on_failure="identity")(img)
+    np.testing.assert_allclose(out[0].numpy(), ph.image.astype(np.float32))
+
+
+def test_iteration_limit_is_reported():
+    ph = make_phantom(11, size="small", tumour=False, pose={"yaw_deg": 10.0, "roll_deg": 10.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = SymmetricAlign(iterations=(1, 1), on_failure="warn").estimate(
+            _meta(ph.image.astype(np.float32), ph.affine), case="slow11")
+    assert result.converged is False
+    assert any("slow11" in str(w.message) and "iteration limit" in str(w.message) for w in caught)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="on_failure"):
+        SymmetricAlign(on_failure="ignore")
+    with pytest.raises(ValueError, match="output_affine"):
+        SymmetricAlign(output_affine="ras")
+    with pytest.raises(ValueError, match="mode"):
+        SymmetricAlignd(keys=["image"], mode="cubic")
+    with pytest.raises(InputError, match="does not exist"):
+        SymmetricAlign(atlas="/nonexistent/atlas.nii.gz")
