@@ -24,10 +24,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from .engine import confusion_scores
@@ -149,7 +151,22 @@ class CascadeInferer(Inferer):
         vol = out.reshape(b, z, k, h, w).permute(0, 2, 3, 4, 1).contiguous()
         self.last_keep = keep.reshape(b, z).cpu()
         self.last_prob = prob.reshape(b, z).cpu()
+        if isinstance(inputs, MetaTensor):  # keep meta data and transform trace for Invertd / SaveImaged
+            out_meta = MetaTensor(vol)
+            out_meta.copy_meta_from(inputs)
+            return out_meta
         return vol
+
+
+def _json_safe(obj):
+    """NaN / inf -> None (strict JSON), recursively."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 class SliceDecisionRecorder:
@@ -226,7 +243,7 @@ class SliceDecisionRecorder:
         summary = self.summary()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(self.output_dir / "slice_classification.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2, default=float))
+            tmp.write_text(json.dumps(_json_safe(summary), indent=2))
         with atomic_write(self.output_dir / "slice_classification.csv") as tmp:
             with open(tmp, "w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=["case_id", "tp", "fp", "fn", "tn", "recall", "precision"])
