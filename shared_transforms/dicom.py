@@ -45,6 +45,7 @@ __all__ = [
     "load_volume",
     "LPS_TO_RAS",
     "DicomSeriesReader",
+    "register_dicom_reader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -521,3 +522,27 @@ class DicomSeriesReader(_ImageReader):
         meta = dict(base)
         meta["original_channel_dim"] = 0
         return np.stack(arrays, axis=0), meta
+
+
+READER_KEY = "npcgtvdicomseriesreader"
+
+
+def register_dicom_reader() -> None:
+    """Make MONAI's ``LoadImage`` / ``LoadImaged`` pick :class:`DicomSeriesReader` by itself.
+
+    Adds the reader to ``monai.transforms.io.array.SUPPORTED_READERS`` (MONAI's documented
+    extension point) as the last entry, i.e. the first one tried: a ``LoadImaged`` without a
+    ``reader`` argument then reads DICOM folders and ``.dcm`` files with this module's checks
+    (instead of ITK reading them unchecked), while NIfTI files still go to ``NibabelReader``.
+    Called when this module is imported; calling it again is harmless.
+    """
+    try:
+        from monai.transforms.io import array as _io
+    except ImportError:  # pragma: no cover
+        return
+    if _io.SUPPORTED_READERS.get(READER_KEY) is not DicomSeriesReader:
+        _io.SUPPORTED_READERS.pop(READER_KEY, None)
+        _io.SUPPORTED_READERS[READER_KEY] = DicomSeriesReader
+
+
+register_dicom_reader()

@@ -196,6 +196,25 @@ def test_loadimaged_reports_bad_series_instead_of_falling_back(tmp_path):
         LoadImaged(keys="image", reader=DicomSeriesReader)({"image": str(tmp_path / "s")})
 
 
+def test_plain_loadimaged_picks_the_dicom_reader_for_folders(phantom_ct, tmp_path):
+    """Without a reader argument, LoadImaged uses DicomSeriesReader for folders, nibabel for NIfTI."""
+    from monai.transforms import LoadImaged
+
+    import shared_transforms.dicom  # noqa: F401  (registers the reader)
+
+    ph, folder = phantom_ct
+    img = LoadImaged(keys="image")({"image": str(folder)})["image"]
+    assert img.meta["dicom_dir"] == str(folder)
+    np.testing.assert_array_equal(img.numpy(), ph.image)
+    nii = save_nifti(ph.image, ph.affine, tmp_path / "ct.nii.gz")
+    img = LoadImaged(keys="image")({"image": str(nii)})["image"]
+    assert "dicom_dir" not in img.meta and tuple(img.shape) == (96, 96, 32)
+    files = write_dicom_series(_volume(shape=(12, 10, 8)), _affine(), tmp_path / "gap")
+    files[4].unlink()
+    with pytest.raises(InputError, match="missing slice"):
+        LoadImaged(keys="image")({"image": str(tmp_path / "gap")})
+
+
 def test_load_volume_accepts_dicom_and_nifti(phantom_ct, tmp_path):
     from shared_transforms.dicom import load_volume
 
