@@ -53,6 +53,7 @@ def test_case_key_suffixes():
     assert case_key("npc_001_0000.nii.gz") == "npc_001"
     assert case_key("npc_001_pred_seg.nii") == "npc_001"
     assert case_key("P7_GTV.nii.gz") == "P7"
+    assert case_key("npc_002_t1_seg.nii.gz") == "npc_002"  # MONAI SaveImage name of an MRI case
     assert case_key("seg.nii.gz") == "seg"  # never strips a whole name
 
 

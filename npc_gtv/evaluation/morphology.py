@@ -19,7 +19,7 @@ resolution. By default the mask is therefore blurred with a Gaussian of
 ``smoothing_sigma_vox = 0.8`` voxel per axis before marching cubes. Measured on voxelised spheres
 (radius 20-25 mm at 1 mm or 0.5 x 0.5 x 1 mm): volume within 0.5 %, area within 1.5 %,
 regularity within 3 %; on 1 x 1 x 3 mm CT slices the area is within 2.5 %. Boxes keep their
-volume within 0.5 % but lose about 2-3 % of area because the edges are rounded.
+volume within 0.5 % but lose about 3 % of area because the edges are rounded.
 ``smoothing_sigma_vox = 0`` is the literal raw-mask mesh (probably what the paper's numbers
 used; exact for axis-aligned boxes up to chamfered edges).
 

@@ -57,8 +57,11 @@ __all__ = [
     "agreement_command",
 ]
 
-#: file-name suffixes removed (repeatedly) from a file stem to get its case id
-CASE_SUFFIXES: tuple[str, ...] = ("_seg", "_pred", "_prediction", "_mask", "_label", "_gtv", "_0000")
+#: file-name suffixes removed (repeatedly) from a file stem to get its case id: segmentation
+#: suffixes (MONAI SaveImage writes ``<case>_seg``), nnU-Net's channel suffix ``_0000`` and the
+#: MRI sequence suffixes of the phantom / multi-sequence layout (``<case>_t1`` ...), so that a
+#: prediction saved from an MRI case's first sequence (``<case>_t1_seg``) matches ``<case>``
+CASE_SUFFIXES: tuple[str, ...] = ("_seg", "_pred", "_prediction", "_mask", "_label", "_gtv", "_0000", "_t1", "_t2", "_cet1")
 
 AGREEMENT_METRICS: tuple[str, ...] = ("dsc", "iou")
 
