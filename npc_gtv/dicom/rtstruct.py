@@ -39,8 +39,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-# Referenced SOP Class of the RT Referenced Study Sequence item (PS3.3 C.8.8.5): Study Component Management
-_STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.2"
+# Referenced SOP Class of the RT Referenced Study Sequence item: PS3.3 section 10.6.1 allows the
+# (retired) Detached Study Management SOP Class UID for references to a study
+_STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 
 # patient / study attributes copied from the CT (type 2 ones written empty when the CT lacks them)
 PATIENT_STUDY_TAGS = (
