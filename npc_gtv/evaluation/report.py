@@ -386,21 +386,50 @@ def _slice_axis(affine) -> int:
     return int(si_axis(affine))
 
 
+def _precheck(pairs: Sequence[tuple[str, Path, Path]], images: Mapping[str, Path] | None = None) -> None:
+    """Check every pair's grid from the NIfTI headers before any computation (fail early, cheaply)."""
+    import nibabel as nib
+
+    def header(path: Path):
+        if not Path(path).exists():
+            raise InputError(path, "file does not exist")
+        try:
+            img = nib.load(str(path))
+            return tuple(img.shape), np.asarray(img.affine, dtype=float)
+        except Exception as exc:  # nibabel raises many types for corrupt files
+            raise InputError(path, f"cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
+
+    for case, pred_path, truth_path in pairs:
+        t_shape, t_aff = header(truth_path)
+        p_shape, p_aff = header(pred_path)
+        check_same_grid(t_shape[:3], t_aff, p_shape[:3], p_aff, truth_path, pred_path)
+        if images and case in images:
+            i_shape, i_aff = header(images[case])
+            check_same_grid(t_shape[:3], t_aff, i_shape[:3], i_aff, truth_path, images[case])
+
+
 def evaluate_pairs(
     pairs: Sequence[tuple[str, Path, Path]],
     *,
     images: Mapping[str, Path] | None = None,
     penalty="diagonal",
     nsd_tolerance_mm: float = 1.0,
-    keep_overlays: bool = False,
+    overlay_dir=None,
+    inputs: Sequence = (),
     progress: bool = True,
     desc: str = "evaluate",
     metrics_only: Sequence[str] | None = None,
-) -> tuple[list[dict], dict]:
-    """Metrics of ``(case_id, pred_path, truth_path)`` pairs; returns records and overlay data."""
+) -> list[dict]:
+    """Metrics of ``(case_id, pred_path, truth_path)`` pairs, one record per case.
+
+    All grids are checked from the headers first. With ``overlay_dir``, each case's overlay PNG is
+    written as soon as the case is computed (volumes are not kept in memory), on the image of
+    ``images[case]`` when given.
+    """
     from tqdm.auto import tqdm
 
-    records, overlays = [], {}
+    _precheck(pairs, images if overlay_dir is not None else None)
+    records = []
     for case, pred_path, truth_path in tqdm(pairs, desc=desc, unit="case", disable=not progress):
         pred, truth, affine = _load_pair(pred_path, truth_path)
         m = compute_case_metrics(
@@ -410,15 +439,16 @@ def evaluate_pairs(
         if metrics_only is not None:
             rec = {k: v for k, v in rec.items() if k not in METRICS or k in metrics_only}
         records.append(rec)
-        if keep_overlays:
+        if overlay_dir is not None:
+            from .figures import overlay_png
+
             image = None
             if images and case in images:
-                img, i_aff = load_nifti(images[case], allow_nan=True)
-                check_same_grid(truth.shape, affine, img.shape, i_aff, truth_path, images[case])
-                image = img
-            overlays[case] = {"truth": truth, "pred": pred, "affine": affine, "image": image,
-                              "title": f"{case}: DSC {m['dsc']:.3f}, HD95 {m['hd95']:.1f} mm"}
-    return records, overlays
+                image, i_aff = load_nifti(images[case], allow_nan=True)
+                check_same_grid(truth.shape, affine, image.shape, i_aff, truth_path, images[case])
+            overlay_png(Path(overlay_dir) / f"{case}.png", truth, pred, affine, image=image,
+                        title=f"{case}: DSC {m['dsc']:.3f}, HD95 {m['hd95']:.1f} mm", inputs=inputs)
+    return records
 
 
 def evaluate_folders(
@@ -465,14 +495,15 @@ def evaluate_folders(
     keys = match_cases(preds, labels, pred, truth)
     pairs = [(names[k], preds[k], labels[k]) for k in keys]
     img_by_name = {names[k]: imgs[k] for k in keys if k in imgs}
-    records, overlays = evaluate_pairs(
-        pairs, images=img_by_name, penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm, keep_overlays=figures, progress=progress
+    protected = [pred, truth] + ([images] if images else [])
+    records = evaluate_pairs(
+        pairs, images=img_by_name, penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm,
+        overlay_dir=(out / "figures" / "overlays") if figures else None, inputs=protected, progress=progress,
     )
     info = {"pred": str(pred), "truth": str(truth), "penalty": penalty, "nsd_tolerance_mm": float(nsd_tolerance_mm)}
     if truth.suffix.lower() == ".json":
         info["section"] = section
-    protected = [pred, truth] + ([images] if images else [])
-    return write_report(records, out, title="Evaluation", info=info, figures=figures, overlays=overlays, inputs=protected)
+    return write_report(records, out, title="Evaluation", info=info, figures=figures, inputs=protected)
 
 
 def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: bool = True, all_metrics: bool = False) -> dict:
@@ -489,8 +520,8 @@ def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: 
         raise InputError(a, "no NIfTI masks found")
     keys = match_cases(files_a, files_b, a, b)
     metrics = METRICS if all_metrics else AGREEMENT_METRICS
-    records, _ = evaluate_pairs([(k, files_a[k], files_b[k]) for k in keys], progress=progress, desc="agreement",
-                                metrics_only=metrics)
+    records = evaluate_pairs([(k, files_a[k], files_b[k]) for k in keys], progress=progress, desc="agreement",
+                             metrics_only=metrics)
     for r in records:
         r["rater_a"] = r.pop("pred")
         r["rater_b"] = r.pop("truth")
