@@ -63,7 +63,7 @@ def volume_transforms(
 
     Args:
         keys: ``("image",)`` for inference, ``("image", "label")`` for training / evaluation. The
-            image is resized bilinearly, any other key with nearest-neighbour interpolation.
+            image is resized bilinearly, any other key with (centre-aligned) nearest-neighbour interpolation.
         resize: in-plane size of the output (multiple of 16 for SANet).
         hu_window: ``(a_min, a_max)`` HU window mapped to [0, 1].
         body_threshold: HU threshold of the body mask.
@@ -81,7 +81,7 @@ def volume_transforms(
         raise ValueError(f"resize must be a positive multiple of 16 (SANet's output stride), got {resize}")
     if len(hu_window) != 2 or not hu_window[1] > hu_window[0]:
         raise ValueError(f"hu_window must be (a_min, a_max) with a_max > a_min, got {hu_window}")
-    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    modes = ["bilinear" if k == "image" else "nearest-exact" for k in keys]
     steps = []
     if load:
         steps += [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
