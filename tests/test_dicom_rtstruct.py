@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from npc_gtv.dicom.commands import dice
 from npc_gtv.dicom.rtstruct import export_rtstruct, mask_slice_contours, rasterize_rtstruct, write_rtstruct
@@ -231,3 +232,25 @@ def test_inference_pipeline_dicom_in_rtstruct_out(cases, tmp_path):
     ct = read_dicom_series(ct_dir)
     np.testing.assert_array_equal(rasterize_rtstruct(tmp_path / "CT_rtstruct.dcm", ct), ph.label)
     np.testing.assert_array_equal(read_seg(tmp_path / "CT_seg.dcm", ct), ph.label)
+
+
+def test_save_dicom_rt_distinct_names_for_same_folder_names(cases, tmp_path):
+    from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+    from npc_gtv.dicom.transforms import SaveDicomRTd
+    from shared_transforms.dicom import DicomSeriesReader
+
+    saver = SaveDicomRTd(keys="pred", output_dir=tmp_path)
+    load = LoadImaged(keys="pred", reader=DicomSeriesReader, ensure_channel_first=True)
+    outputs = []
+    for ph, ct_dir, _ in cases:  # both case folders are called "CT"
+        d = load({"pred": str(ct_dir)})
+        d["pred"] = d["pred"] * 0 + torch.as_tensor(ph.label[None].astype(np.float32))
+        saver(d)
+        outputs.append(sorted(p.name for p in tmp_path.glob("*_rtstruct.dcm")))
+    assert outputs[0] == ["CT_rtstruct.dcm"] and len(outputs[1]) == 2
+    for (ph, ct_dir, _), name in zip(cases, ["CT_rtstruct.dcm", next(n for n in outputs[1] if n != "CT_rtstruct.dcm")]):
+        np.testing.assert_array_equal(rasterize_rtstruct(tmp_path / name, read_dicom_series(ct_dir)), ph.label)
+    with pytest.raises(ValueError, match="at least one"):
+        SaveDicomRTd(keys="pred", write_rtstruct=False, write_seg=False)
+

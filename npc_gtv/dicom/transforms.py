@@ -11,7 +11,8 @@ post-processing list::
 When the input image was a DICOM folder read with
 :class:`shared_transforms.dicom.DicomSeriesReader`, the prediction's metadata carries
 ``dicom_dir`` and the CT's SeriesInstanceUID; the transform reads that CT series again and
-writes ``<case>_rtstruct.dcm`` (and ``<case>_seg.dcm``). For NIfTI inputs it does nothing
+writes ``<case>_rtstruct.dcm`` (and ``<case>_seg.dcm``), ``<case>`` being the DICOM folder's
+name (with a series-UID suffix when two series of one run share a folder name). For NIfTI inputs it does nothing
 (or raises, with ``skip_non_dicom=False``).
 """
 
@@ -81,6 +82,16 @@ class SaveDicomRTd(_MapTransform):
         self.write_seg = write_seg
         self.skip_non_dicom = skip_non_dicom
         self.overwrite = overwrite
+        self._names: dict[str, str] = {}  # output stem -> CT series UID written under it in this run
+
+    def _stem(self, dicom_dir: str, series_uid: str) -> str:
+        """``<folder name>``, or ``<folder name>_<series UID tail>`` when another series of this
+        run already used that name (e.g. every case folder is called ``CT``)."""
+        stem = Path(dicom_dir).name
+        if self._names.get(stem, series_uid) != series_uid:
+            stem = f"{stem}_{series_uid.replace('.', '')[-12:]}"
+        self._names[stem] = series_uid
+        return stem
 
     def _mask(self, pred) -> np.ndarray:
         arr = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)
@@ -107,7 +118,7 @@ class SaveDicomRTd(_MapTransform):
             ct = read_dicom_series(dicom_dir, str(meta.get("SeriesInstanceUID") or "") or None)
             affine = np.asarray(pred.affine if hasattr(pred, "affine") else meta["affine"], dtype=float)
             mask = mask_to_grid(self._mask(pred), affine, ct.array.shape, ct.affine, source=key, reference=dicom_dir)
-            case = Path(dicom_dir).name
+            case = self._stem(dicom_dir, ct.series.uid)
             if self.write_rtstruct:
                 write_rtstruct(ct, mask, self.output_dir / f"{case}_rtstruct.dcm", roi_name=self.roi_name, color=self.color, overwrite=self.overwrite)
             if self.write_seg:
