@@ -27,7 +27,7 @@ from monai.transforms import CropForeground, CropForegroundd, Spacing, Spacingd
 from monai.transforms.utils import generate_spatial_bounding_box, is_positive
 from scipy import ndimage
 
-from shared_transforms.flip import _world_axis
+from shared_transforms.flip import _world_axis, si_axis
 from shared_transforms.io import InputError
 from shared_transforms.postprocess import largest_component
 
@@ -152,6 +152,7 @@ def body_mask(
     erosion_iterations: int = 2,
     restore: bool = True,
     connectivity: int = 1,
+    slice_axis: int | None = None,
 ) -> np.ndarray:
     """Body mask of a CT volume: threshold, erosion, largest connected component.
 
@@ -166,6 +167,8 @@ def body_mask(
             shrink the body (a convex body is restored exactly; a bridge to another object is
             re-entered by at most ``erosion_iterations`` voxels).
         connectivity: connectivity of the component labelling (1: faces).
+        slice_axis: if given, erode and re-grow in-plane only (structuring elements flat across
+            this array axis), so volumes with few slices keep their first and last slices.
 
     Returns:
         boolean ``(X, Y, Z)`` mask (all False when nothing is above the threshold).
@@ -175,12 +178,20 @@ def body_mask(
         raise ValueError(f"body_mask expects a 3D (X, Y, Z) volume, got shape {arr.shape}")
     if erosion_iterations < 0:
         raise ValueError(f"erosion_iterations must be >= 0, got {erosion_iterations}")
+    if slice_axis is not None and slice_axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1, 2 or None, got {slice_axis}")
     fg = arr > threshold
     struct = ndimage.generate_binary_structure(3, 1)
+    cube = ndimage.generate_binary_structure(3, 3)
+    if slice_axis is not None:
+        flat = [slice(None)] * 3
+        flat[slice_axis] = slice(1, 2)
+        keep = np.zeros((3, 3, 3), bool)
+        keep[tuple(flat)] = True
+        struct, cube = struct & keep, cube & keep
     core = ndimage.binary_erosion(fg, struct, iterations=erosion_iterations) if erosion_iterations else fg
     core = largest_component(core, connectivity)
     if restore and erosion_iterations and core.any():
-        cube = ndimage.generate_binary_structure(3, 3)
         core = ndimage.binary_dilation(core, cube, iterations=erosion_iterations, mask=fg)
     return core
 
@@ -199,6 +210,8 @@ class BodyCrop(CropForeground):
         restore: geodesic re-dilation after the component selection (see :func:`body_mask`).
         channel_indices: channels used to find the body (default: channel 0).
         allow_empty: when no voxel is above the threshold, keep the whole image instead of raising.
+        in_plane: erode / re-grow in the slice plane only (slice axis from the MetaTensor's
+            affine, :func:`~shared_transforms.flip.si_axis`), for volumes with very few slices.
         lazy: MONAI lazy resampling flag.
 
     Raises:
@@ -213,6 +226,7 @@ class BodyCrop(CropForeground):
         restore: bool = True,
         channel_indices: Sequence[int] | int | None = 0,
         allow_empty: bool = False,
+        in_plane: bool = False,
         lazy: bool = False,
     ) -> None:
         if erosion_iterations < 0:
@@ -222,16 +236,22 @@ class BodyCrop(CropForeground):
         self.erosion_iterations = int(erosion_iterations)
         self.restore = restore
         self.allow_empty = allow_empty
+        self.in_plane = in_plane
 
     def body_mask(self, img) -> np.ndarray:
         """Boolean ``(X, Y, Z)`` body mask of a ``(C, X, Y, Z)`` image (union over the selected channels)."""
         if img.ndim != 4:
             raise ValueError(f"BodyCrop expects a channel-first (C, X, Y, Z) image, got shape {tuple(img.shape)}")
         chans = range(img.shape[0]) if self.channel_indices is None else self.channel_indices
+        axis = None
+        if self.in_plane:
+            if not isinstance(img, MetaTensor):
+                raise ValueError("BodyCrop(in_plane=True) needs a MetaTensor (its affine gives the slice axis)")
+            axis = si_axis(img.peek_pending_affine())
         t = img.as_tensor() if isinstance(img, MetaTensor) else img
         mask = np.zeros(tuple(img.shape[1:]), dtype=bool)
         for c in chans:
-            mask |= body_mask(t[c], self.threshold, self.erosion_iterations, self.restore)
+            mask |= body_mask(t[c], self.threshold, self.erosion_iterations, self.restore, slice_axis=axis)
         return mask
 
     def compute_bounding_box(self, img):
@@ -255,7 +275,8 @@ class BodyCropd(CropForegroundd):
     Args:
         keys: keys to crop, e.g. ``["image", "label"]``.
         source_key: key of the CT used to find the body (default ``"image"``).
-        threshold, erosion_iterations, margin, restore, channel_indices, allow_empty: see :class:`BodyCrop`.
+        threshold, erosion_iterations, margin, restore, channel_indices, allow_empty, in_plane: see
+            :class:`BodyCrop`.
         start_coord_key / end_coord_key: keys that receive the box start / end (voxel indices, end
             exclusive), e.g. for a 2D pipeline that crops slices itself; None to skip.
         allow_missing_keys: skip missing keys.
@@ -275,6 +296,7 @@ class BodyCropd(CropForegroundd):
         restore: bool = True,
         channel_indices: Sequence[int] | int | None = 0,
         allow_empty: bool = False,
+        in_plane: bool = False,
         start_coord_key: str | None = "body_box_start",
         end_coord_key: str | None = "body_box_end",
         allow_missing_keys: bool = False,
@@ -288,4 +310,4 @@ class BodyCropd(CropForegroundd):
             allow_missing_keys=allow_missing_keys,
             lazy=lazy,
         )
-        self.cropper = BodyCrop(threshold, erosion_iterations, margin, restore, channel_indices, allow_empty, lazy)
+        self.cropper = BodyCrop(threshold, erosion_iterations, margin, restore, channel_indices, allow_empty, in_plane, lazy)

@@ -153,6 +153,18 @@ def test_body_crop_dict_resample_pipeline_inverts_to_exact_grid(tmp_path):
     np.testing.assert_array_equal(inv["pred"].numpy()[0], lab)
 
 
+def test_body_crop_in_plane_keeps_thin_volumes():
+    img = np.full((12, 12, 3), -1000.0, np.float32)
+    img[2:10, 3:9, :] = 40.0  # a body in only 3 slices: a 3D erosion by 2 removes it
+    assert not body_mask(img).any()
+    np.testing.assert_array_equal(body_mask(img, slice_axis=2), img > 0)
+    out = BodyCropd("image", in_plane=True)({"image": _mt(img)})
+    assert tuple(out["image"].shape) == (1, 8, 6, 3)
+    np.testing.assert_array_equal(out["body_box_start"], [2, 3, 0])
+    with pytest.raises(ValueError, match="MetaTensor"):
+        BodyCrop(in_plane=True)(torch.as_tensor(img[None]))
+
+
 def test_body_crop_empty_image_error_names_file():
     air = np.full((8, 8, 4), -1000.0)
     with pytest.raises(InputError, match=r"air\.nii\.gz: no body found"):
