@@ -136,6 +136,11 @@ def test_dataset_json_and_slice_axis_from_affine(tmp_path):
     assert float(row["slice_recall"]) == pytest.approx(3 / 6)
     assert float(row["slice_precision"]) == pytest.approx(3 / 4)
     assert (tmp_path / "out" / "figures" / "overlays" / "p1.png").exists()
+    # an image on another grid only loses the overlay background
+    save_nifti(np.zeros((10, 12, 11), np.int16), aff, tmp_path / "imgs" / "p1_0000.nii.gz")
+    with pytest.warns(UserWarning, match="p1 drawn without image"):
+        evaluate_folders(tmp_path / "pred", ds / "dataset.json", tmp_path / "out3", images=tmp_path / "imgs", progress=False)
+    assert (tmp_path / "out3" / "figures" / "overlays" / "p1.png").exists()
     with pytest.raises(InputError, match="no 'training' list"):
         evaluate_folders(tmp_path / "pred", ds / "dataset.json", tmp_path / "out2", section="training", progress=False)
 

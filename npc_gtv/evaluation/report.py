@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
@@ -152,7 +153,8 @@ def load_truth_cases(truth, *, section: str = "test", images=None) -> tuple[dict
         truth: folder of NIfTI masks, or a Decathlon ``dataset.json`` (its ``section`` list gives
             ``label`` and ``image`` paths relative to the json's folder, and optionally ``case_id``).
         section: list of the dataset.json to use (``test``, ``training``, ``validation``...).
-        images: optional folder of images matched by case id (only for a truth folder).
+        images: optional folder of images matched by case id (for a dataset.json it replaces
+            the images listed there).
 
     Returns:
         ``(labels, images, names)``: case key -> label path, case key -> image path (may be
@@ -187,6 +189,8 @@ def load_truth_cases(truth, *, section: str = "test", images=None) -> tuple[dict
                 image = image[0] if image else None
             if image:
                 imgs[key] = truth.parent / image
+        if images is not None:  # an explicit image folder overrides the json's images
+            imgs = _index(find_niftis(images), "image", images)
         return labels, imgs, names
     if truth.is_file():
         raise InputError(truth, "truth must be a folder of NIfTI masks or a Decathlon dataset.json")
@@ -386,7 +390,7 @@ def _slice_axis(affine) -> int:
     return int(si_axis(affine))
 
 
-def _precheck(pairs: Sequence[tuple[str, Path, Path]], images: Mapping[str, Path] | None = None) -> None:
+def _precheck(pairs: Sequence[tuple[str, Path, Path]]) -> None:
     """Check every pair's grid from the NIfTI headers before any computation (fail early, cheaply)."""
     import nibabel as nib
 
@@ -403,9 +407,6 @@ def _precheck(pairs: Sequence[tuple[str, Path, Path]], images: Mapping[str, Path
         t_shape, t_aff = header(truth_path)
         p_shape, p_aff = header(pred_path)
         check_same_grid(t_shape[:3], t_aff, p_shape[:3], p_aff, truth_path, pred_path)
-        if images and case in images:
-            i_shape, i_aff = header(images[case])
-            check_same_grid(t_shape[:3], t_aff, i_shape[:3], i_aff, truth_path, images[case])
 
 
 def evaluate_pairs(
@@ -424,11 +425,12 @@ def evaluate_pairs(
 
     All grids are checked from the headers first. With ``overlay_dir``, each case's overlay PNG is
     written as soon as the case is computed (volumes are not kept in memory), on the image of
-    ``images[case]`` when given.
+    ``images[case]`` when given (an unreadable image or one on another grid only loses the
+    background, with a warning).
     """
     from tqdm.auto import tqdm
 
-    _precheck(pairs, images if overlay_dir is not None else None)
+    _precheck(pairs)
     records = []
     for case, pred_path, truth_path in tqdm(pairs, desc=desc, unit="case", disable=not progress):
         pred, truth, affine = _load_pair(pred_path, truth_path)
@@ -444,8 +446,12 @@ def evaluate_pairs(
 
             image = None
             if images and case in images:
-                image, i_aff = load_nifti(images[case], allow_nan=True)
-                check_same_grid(truth.shape, affine, image.shape, i_aff, truth_path, images[case])
+                try:  # the image is only a background: a problem with it costs the background, not the case
+                    image, i_aff = load_nifti(images[case], allow_nan=True)
+                    check_same_grid(truth.shape, affine, image.shape, i_aff, truth_path, images[case])
+                except InputError as exc:
+                    warnings.warn(f"overlay of case {case} drawn without image: {exc}", stacklevel=2)
+                    image = None
             overlay_png(Path(overlay_dir) / f"{case}.png", truth, pred, affine, image=image,
                         title=f"{case}: DSC {m['dsc']:.3f}, HD95 {m['hd95']:.1f} mm", inputs=inputs)
     return records
@@ -471,7 +477,8 @@ def evaluate_folders(
         truth: folder of true masks, or a Decathlon ``dataset.json`` whose ``section`` list gives
             the label (and image) paths.
         out: report folder; must not be inside ``pred`` or ``truth``.
-        images: folder of images for the overlays when ``truth`` is a folder (optional).
+        images: folder of images for the overlays, matched by case id (optional; by default a
+            dataset.json's own images are used).
         section: dataset.json list to evaluate.
         penalty: distance for cases with exactly one empty mask: ``"diagonal"`` (image diagonal
             in mm) or a number of mm.
@@ -656,7 +663,7 @@ def evaluate_command(pred, truth, out, images=None, section: str = "test", penal
         pred: folder of predicted masks (searched recursively; files matched by case id).
         truth: folder of true masks, or a Decathlon dataset.json.
         out: report folder (metrics.csv, summary.json, summary.md, figures/); not inside an input.
-        images: folder of images for the overlay figures (truth folder only).
+        images: folder of images for the overlay figures (default: a dataset.json's images).
         section: dataset.json list to use (default test).
         penalty: distance for one-empty-mask cases: "diagonal" (image diagonal, mm) or a number (mm).
         figures: write box plots and per-case overlays.
