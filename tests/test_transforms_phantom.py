@@ -60,8 +60,10 @@ def test_full_pipeline_on_phantom_inverts_to_the_exact_grid(tmp_path):
     # a prediction made on the preprocessed grid returns to the input grid: 2.4 mm -> 1 mm nearest and
     # back hits every original voxel centre again, so the label comes back voxel-exact
     out["pred"] = LargestComponentd("pred")({"pred": out["label"].clone()})["pred"]
-    inv = Invertd("pred", pre, orig_keys="label", nearest_interp=True)(out)
-    assert tuple(inv["pred"].shape) == (1,) + p.label.shape
-    np.testing.assert_allclose(inv["pred"].affine.numpy(), p.affine, atol=1e-5)
-    np.testing.assert_array_equal(inv["pred"].numpy()[0].astype(np.uint8), p.label)
-    assert isinstance(inv["pred"], torch.Tensor)
+    # inverted with the label's trace (training) or the image's trace (inference: no label), same result
+    for orig in ("label", "image"):
+        inv = Invertd("pred", pre, orig_keys=orig, nearest_interp=True)(dict(out, pred=out["pred"].clone()))
+        assert tuple(inv["pred"].shape) == (1,) + p.label.shape
+        np.testing.assert_allclose(inv["pred"].affine.numpy(), p.affine, atol=1e-5)
+        np.testing.assert_array_equal(inv["pred"].numpy()[0].astype(np.uint8), p.label)
+        assert isinstance(inv["pred"], torch.Tensor)
