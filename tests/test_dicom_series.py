@@ -71,6 +71,15 @@ def test_oblique_and_reversed_slices_keep_world_coordinates(tmp_path):
     np.testing.assert_allclose(got.affine, aff, atol=1e-4)
     np.testing.assert_array_equal(got.array, vol0)
 
+    # gantry tilt: slice positions step along a direction 15 degrees off the normal; kept exactly
+    tilt = _affine()
+    t = np.deg2rad(15.0)
+    tilt[:3, 2] = [0.0, 2.5 * np.sin(t), 2.5 * np.cos(t)]
+    write_dicom_series(vol0, tilt, tmp_path / "tilt")
+    got = read_dicom_series(tmp_path / "tilt")
+    np.testing.assert_allclose(got.affine, tilt, atol=1e-4)
+    assert got.spacing[2] == pytest.approx(2.5, abs=1e-4)
+
     # slices written head-to-feet: the reader sorts them feet-to-head and flips the array to match
     down = _affine()
     down[:3, 2] *= -1
