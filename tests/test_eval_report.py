@@ -158,6 +158,12 @@ def test_phantom_dataset_json(small_ct_dataset, tmp_path):
     assert s["n_cases"] == len(ds["test"]) >= 1
     assert s["metrics"]["dsc"]["mean"] == pytest.approx(1.0)
     assert s["metrics"]["hd95"]["max"] == 0.0
+    # volumes agree with the generator's own ground truth (cases.csv, the documented side file)
+    rows = _rows(tmp_path / "out" / "metrics.csv")
+    info = _rows(small_ct_dataset / "cases.csv")
+    for e in ds["test"]:
+        expected = float(info[e["case_id"]]["tumour_volume_ml"])
+        assert float(rows[e["case_id"]]["volume_truth_ml"]) == pytest.approx(expected, abs=1e-3)
 
 
 def _write_run(path, dsc):
