@@ -63,7 +63,16 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, NotImplementedError) as exc:
         print(f"npc-gtv: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    fire.Fire(func, command=argv[1:], name=f"npc-gtv {argv[0]}")
+    from shared_transforms.io import input_error_from
+
+    try:
+        fire.Fire(func, command=argv[1:], name=f"npc-gtv {argv[0]}")
+    except Exception as exc:  # bad input: print the file and the problem, not a traceback
+        clear = input_error_from(exc)
+        if clear is None:
+            raise
+        print(f"npc-gtv {argv[0]}: error: {clear}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -26,28 +26,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform, Transform
 
-from shared_transforms.io import AFFINE_TOLERANCE, InputError, check_label_array, check_same_grid, load_nifti
+from shared_transforms.io import AFFINE_TOLERANCE, InputError, check_label_array, check_same_grid, input_error_from, load_nifti  # noqa: F401 (input_error_from re-exported)
 
 __all__ = ["source_name", "input_error_from", "CheckImage", "CheckImaged", "SafeLoadImaged"]
-
-
-def input_error_from(exc: BaseException | None) -> InputError | None:
-    """Find the :class:`InputError` behind an exception.
-
-    MONAI's ``Compose`` re-raises every failure as ``RuntimeError("applying transform ...")``
-    with the original exception as its cause; a command-line tool can call this to print the
-    clear ``"<file>: <problem>"`` message instead of the wrapper.
-
-    Returns:
-        the first InputError along the ``__cause__`` / ``__context__`` chain, or None.
-    """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, InputError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def source_name(img, default: str | None = None) -> str | None:

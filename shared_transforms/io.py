@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "InputError",
+    "input_error_from",
     "load_nifti",
     "load_label",
     "check_image_array",
@@ -38,6 +39,25 @@ class InputError(ValueError):
         self.source = None if source is None else str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}" if self.source else problem)
+
+
+def input_error_from(exc: BaseException | None) -> InputError | None:
+    """Find the :class:`InputError` behind an exception.
+
+    MONAI's ``Compose`` re-raises every failure as ``RuntimeError("applying transform ...")``
+    with the original exception as its cause; a command-line tool can call this to print the
+    clear ``"<file>: <problem>"`` message instead of the wrapper.
+
+    Returns:
+        the first InputError along the ``__cause__`` / ``__context__`` chain, or None.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _name(source) -> str:
@@ -112,7 +132,8 @@ def load_nifti(path, *, ndim: int = 3, allow_nan: bool = False, dtype=None):
     """Read a NIfTI file with checks.
 
     Args:
-        path: ``.nii`` or ``.nii.gz`` file.
+        path: ``.nii`` or ``.nii.gz`` file, or a DICOM CT series folder (read with
+            :func:`shared_transforms.dicom.read_dicom_series`).
         ndim: expected dimensionality (3 for a volume).
         allow_nan: accept non-finite voxels.
         dtype: cast the data to this dtype (default: keep the on-disk type, scaled by slope/intercept).
@@ -131,7 +152,12 @@ def load_nifti(path, *, ndim: int = 3, allow_nan: bool = False, dtype=None):
     if not path.exists():
         raise InputError(path, "file does not exist")
     if path.is_dir():
-        raise InputError(path, "is a directory, expected a NIfTI file (for a DICOM series use the DICOM reader)")
+        # a DICOM CT series folder is accepted wherever a NIfTI volume is (same checks as dicom2nifti)
+        from shared_transforms.dicom import read_dicom_series
+
+        vol = read_dicom_series(path)
+        arr = check_image_array(vol.array, path, ndim=ndim, allow_nan=allow_nan)
+        return (arr if dtype is None else arr.astype(dtype)), np.asarray(vol.affine, dtype=float)
     try:
         img = nib.load(str(path))
         raw = np.asanyarray(img.dataobj)
