@@ -247,3 +247,31 @@ def distribution_of(import_name: str) -> str | None:
     if dists:
         return dists[0]
     return KNOWN_DISTRIBUTIONS.get(import_name)
+
+
+def hide_installed_project(packages=PROJECT_PACKAGES) -> list[str]:
+    """Make the repository's own ``shared_transforms`` / ``npc_gtv`` unimportable in this process.
+
+    Used (``NPC_GTV_HIDE_REPO=1``) to check a packaged bundle as if this repository were not installed:
+    drops the editable-install import finders and every ``sys.path`` entry holding one of ``packages``
+    outside a ``_vendor`` folder, and forgets modules already imported from there. Returns what was removed.
+    """
+    from pathlib import Path as _P
+
+    removed = []
+    for finder in list(sys.meta_path):
+        module = getattr(finder, "__module__", "") or getattr(type(finder), "__module__", "")
+        if module.startswith("__editable__"):
+            sys.meta_path.remove(finder)
+            removed.append(f"meta_path:{module}")
+    for entry in list(sys.path):
+        base = _P(entry or ".").resolve()
+        if "_vendor" not in base.parts and any((base / p / "__init__.py").is_file() for p in packages):
+            sys.path.remove(entry)
+            removed.append(f"sys.path:{entry}")
+    for name in list(sys.modules):
+        if top_level(name) in packages:
+            mod_file = getattr(sys.modules[name], "__file__", "") or ""
+            if "_vendor" not in _P(mod_file).parts:
+                del sys.modules[name]
+    return removed

@@ -5,6 +5,7 @@
     python ci/check_bundles.py bundles/sats_npc    # one bundle (also a packaged bundle folder)
     python ci/check_bundles.py --full              # full-size configs (slow, GPU advised)
     python ci/check_bundles.py --skip-runs         # static checks + net in/out + TorchScript only
+    python ci/check_bundles.py --hide-repo dist/sats_npc   # a package, with this repository's code hidden
 
 Checks, in order, per bundle (a failed check does not stop the others):
 
@@ -194,8 +195,10 @@ def check_requirements(bundle: Path, meta: dict, source_root: Path | None) -> tu
 
 
 # ----------------------------------------------------------------------------------------------- subprocess checks
-def _env(bundle: Path, data_dir: Path | None) -> dict:
+def _env(bundle: Path, data_dir: Path | None, hide_repo: bool = False) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if hide_repo:
+        env["NPC_GTV_HIDE_REPO"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(bundle)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if data_dir is not None:
@@ -234,7 +237,7 @@ def workflow_configs(bundle: Path, custom: dict, quick: bool) -> dict[str, list[
 
 
 def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None, data_dir=None,
-                 source_root=None, timeout: int = 1800, log=print) -> list[Result]:
+                 source_root=None, timeout: int = 1800, hide_repo: bool = False, log=print) -> list[Result]:
     """Run every check on one bundle folder; returns the results (also logged as they come)."""
     bundle = Path(bundle).resolve()
     name = bundle.name
@@ -270,7 +273,7 @@ def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None
     net_configs = custom.get("net_configs", ["configs/inference.yaml"])
     if quick and (bundle / QUICK_CONFIG).is_file():
         net_configs = net_configs + [QUICK_CONFIG]
-    env = _env(bundle, data_dir)
+    env = _env(bundle, data_dir, hide_repo)
     meta_file = str(bundle / "configs" / "metadata.json")
     py = sys.executable
 
@@ -304,6 +307,13 @@ def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None
                     msg = f"check_properties: missing {found.group(1)}" if found else out
                 elif wf == "train" and not trained.is_file():
                     ok, msg = False, f"training finished but wrote no {trained}"
+                if ok and hide_repo:
+                    outside = [line for line in out.splitlines()
+                               if line.startswith("IMPORTED ") and str(bundle) not in line]
+                    if outside:
+                        ok, msg = False, f"project code imported from outside the package: {outside}"
+                    else:
+                        msg = "; ".join(line for line in out.splitlines() if line.startswith("IMPORTED "))
                 record(wf, "ok" if ok else "fail", msg, start)
 
         start = time.time()
@@ -346,6 +356,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=None, help="NPC_GTV_DATA for the phantom data (default: unchanged)")
     parser.add_argument("--source-root", default=None, help="where shared_transforms/npc_gtv live (default: vendored or this repo)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
+    parser.add_argument("--hide-repo", action="store_true",
+                        help="run the workflows as if this repository were not installed (for packaged bundles)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -358,6 +370,7 @@ def main(argv=None) -> int:
         print(f"== {bundle}", flush=True)
         results += check_bundle(bundle, quick=not args.full, runs=not args.skip_runs, work_dir=args.work_dir,
                                 data_dir=args.data_dir, source_root=args.source_root, timeout=args.timeout,
+                                hide_repo=args.hide_repo,
                                 log=lambda r: print(r, flush=True))
     failed = [r for r in results if r.status == "fail"]
     print(f"\n{len(results)} checks on {len(bundles)} bundle(s): {len(failed)} failed, "

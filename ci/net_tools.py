@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -43,6 +44,12 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--torchscript", default="{}")
     args = ap.parse_args(argv)
+    if os.environ.get("NPC_GTV_HIDE_REPO"):  # check a package as if this repository were not installed
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bundle_deps
+
+        bundle_deps.hide_installed_project()
+        sys.path.pop(0)
 
     import torch
     from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out

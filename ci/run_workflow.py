@@ -26,6 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--override", default="{}", help="JSON object of config id -> value")
     args = parser.parse_args(argv)
 
+    if os.environ.get("NPC_GTV_HIDE_REPO"):  # check a package as if this repository were not installed
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bundle_deps
+
+        bundle_deps.hide_installed_project()
+        sys.path.pop(0)
     bundle = Path(args.bundle).resolve()
     sys.path.insert(0, str(bundle))
     os.chdir(bundle)
@@ -49,6 +55,9 @@ def main(argv=None) -> int:
     print("CHECK-PROPERTIES-OK", flush=True)
     workflow.run()
     workflow.finalize()
+    for pkg in ("shared_transforms", "npc_gtv"):
+        if pkg in sys.modules:
+            print(f"IMPORTED {pkg} FROM {sys.modules[pkg].__file__}", flush=True)
     print(f"WORKFLOW-DONE {args.workflow_type}", flush=True)
     return 0
 
