@@ -113,8 +113,27 @@ def test_rejects_unmatched_duplicate_nonbinary_and_unsafe_out(folders):
     save_nifti(np.full(SHAPE, 2, np.uint8), AFF, folders / "pred" / "case_c.nii.gz")
     with pytest.raises(InputError, match="must be binary"):
         evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
+    with pytest.raises(InputError, match="use --label N"):
+        evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
     with pytest.raises(InputError, match="inside the input folder"):
         evaluate_folders(folders / "pred", folders / "truth", folders / "pred" / "report", figures=False, progress=False)
+
+
+def test_multi_label_maps_with_label_option(tmp_path):
+    """SegRap-style maps (1 = GTVp, 2 = GTVnd): --label selects one structure on both sides."""
+    t = _cube((2, 2, 2), (8, 8, 6))
+    t[12:16, 12:16, 2:6] = 2
+    p = _cube((2, 2, 2), (8, 8, 6))
+    p[12:16, 12:14, 2:6] = 2  # half of the node
+    save_nifti(t, AFF, tmp_path / "t" / "c1.nii.gz")
+    save_nifti(p, AFF, tmp_path / "p" / "c1.nii.gz")
+    s1 = evaluate_folders(tmp_path / "p", tmp_path / "t", tmp_path / "o1", figures=False, progress=False, label=1)
+    s2 = evaluate_folders(tmp_path / "p", tmp_path / "t", tmp_path / "o2", figures=False, progress=False, label=2)
+    assert s1["metrics"]["dsc"]["mean"] == pytest.approx(1.0)
+    assert s2["metrics"]["dsc"]["mean"] == pytest.approx(2 * 32 / (64 + 32))
+    assert s2["info"]["label"] == 2
+    with pytest.raises(InputError, match="must be binary"):
+        evaluate_folders(tmp_path / "p", tmp_path / "t", tmp_path / "o3", figures=False, progress=False)
 
 
 def test_dataset_json_and_slice_axis_from_affine(tmp_path):

@@ -259,7 +259,7 @@ def _fmt(x, digits: int = 4) -> str:
 def _summary_markdown(summary: Mapping, title: str) -> str:
     lines = [f"# {title}", ""]
     info = summary.get("info", {})
-    for k in ("pred", "truth", "rater_a", "rater_b", "section", "penalty", "nsd_tolerance_mm"):
+    for k in ("pred", "truth", "rater_a", "rater_b", "section", "label", "penalty", "nsd_tolerance_mm"):
         if k in info:
             lines.append(f"- {k}: `{info[k]}`")
     lines.append(f"- cases: {summary['n_cases']}")
@@ -359,11 +359,18 @@ def write_report(
 # ----------------------------------------------------------------------------------------------
 # evaluation of folders
 # ----------------------------------------------------------------------------------------------
-def _load_mask(path: Path):
-    """Read a binary mask; fast validity check, the shared checker only to word an error."""
+def _load_mask(path: Path, label: int | None = None):
+    """Read a binary mask; fast validity check, the shared checker only to word an error.
+
+    With ``label`` the file may hold several integer labels and the mask is ``array == label``.
+    """
     from shared_transforms.io import check_label_array
 
     arr, affine = load_nifti(path)
+    if label is not None:
+        if not (np.issubdtype(arr.dtype, np.integer) or np.all(arr == np.round(arr))):
+            raise InputError(path, f"--label {label} needs an integer label map, found non-integer values")
+        return arr == label, affine
     ok = arr.dtype == bool or (
         arr.size
         and (np.issubdtype(arr.dtype, np.integer) or np.all(np.isfinite(arr)))
@@ -372,14 +379,17 @@ def _load_mask(path: Path):
         and (np.issubdtype(arr.dtype, np.integer) or not np.any((arr != 0) & (arr != 1)))
     )
     if not ok:
-        check_label_array(np.ravel(arr, order="K"), path)  # raises InputError naming the values
+        try:
+            check_label_array(np.ravel(arr, order="K"), path)  # raises InputError naming the values
+        except InputError as exc:
+            raise InputError(path, f"{exc.problem} (use --label N to evaluate label N of a multi-label map)") from None
         raise InputError(path, "label must be binary (0/1)")
     return arr.astype(bool), affine
 
 
-def _load_pair(pred_path: Path, truth_path: Path):
-    truth, t_aff = _load_mask(truth_path)
-    pred, p_aff = _load_mask(pred_path)
+def _load_pair(pred_path: Path, truth_path: Path, label: int | None = None):
+    truth, t_aff = _load_mask(truth_path, label)
+    pred, p_aff = _load_mask(pred_path, label)
     check_same_grid(truth.shape, t_aff, pred.shape, p_aff, truth_path, pred_path)
     return pred, truth, t_aff
 
@@ -420,6 +430,7 @@ def evaluate_pairs(
     progress: bool = True,
     desc: str = "evaluate",
     metrics_only: Sequence[str] | None = None,
+    label: int | None = None,
 ) -> list[dict]:
     """Metrics of ``(case_id, pred_path, truth_path)`` pairs, one record per case.
 
@@ -433,7 +444,7 @@ def evaluate_pairs(
     _precheck(pairs)
     records = []
     for case, pred_path, truth_path in tqdm(pairs, desc=desc, unit="case", disable=not progress):
-        pred, truth, affine = _load_pair(pred_path, truth_path)
+        pred, truth, affine = _load_pair(pred_path, truth_path, label)
         m = compute_case_metrics(
             pred, truth, spacing_from_affine(affine), slice_axis=_slice_axis(affine), penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm
         )
@@ -468,6 +479,7 @@ def evaluate_folders(
     figures: bool = True,
     progress: bool = True,
     nsd_tolerance_mm: float = 1.0,
+    label: int | None = None,
 ) -> dict:
     """Evaluate a folder of NIfTI predictions against ground truth and write the report.
 
@@ -485,6 +497,8 @@ def evaluate_folders(
         figures: write box plots and per-case overlays.
         progress: show a tqdm progress bar.
         nsd_tolerance_mm: normalised surface Dice tolerance (SegRap2023: 1 mm).
+        label: evaluate the structure ``array == label`` of multi-label maps (both sides);
+            default: masks must be binary 0/1.
 
     Returns:
         the summary dict (as written to ``out/summary.json``).
@@ -505,15 +519,18 @@ def evaluate_folders(
     protected = [pred, truth] + ([images] if images else [])
     records = evaluate_pairs(
         pairs, images=img_by_name, penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm,
-        overlay_dir=(out / "figures" / "overlays") if figures else None, inputs=protected, progress=progress,
+        overlay_dir=(out / "figures" / "overlays") if figures else None, inputs=protected, progress=progress, label=label,
     )
     info = {"pred": str(pred), "truth": str(truth), "penalty": penalty, "nsd_tolerance_mm": float(nsd_tolerance_mm)}
+    if label is not None:
+        info["label"] = int(label)
     if truth.suffix.lower() == ".json":
         info["section"] = section
     return write_report(records, out, title="Evaluation", info=info, figures=figures, inputs=protected)
 
 
-def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: bool = True, all_metrics: bool = False) -> dict:
+def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: bool = True, all_metrics: bool = False,
+                      label: int | None = None) -> dict:
     """Inter-rater agreement: Dice and Jaccard (IoU) per case between two raters' mask folders.
 
     Rater B is taken as the reference grid (the metrics used are symmetric). With
@@ -528,7 +545,7 @@ def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: 
     keys = match_cases(files_a, files_b, a, b)
     metrics = METRICS if all_metrics else AGREEMENT_METRICS
     records = evaluate_pairs([(k, files_a[k], files_b[k]) for k in keys], progress=progress, desc="agreement",
-                             metrics_only=metrics)
+                             metrics_only=metrics, label=label)
     for r in records:
         r["rater_a"] = r.pop("pred")
         r["rater_b"] = r.pop("truth")
@@ -656,7 +673,7 @@ def _json_safe(obj):
 # commands
 # ----------------------------------------------------------------------------------------------
 def evaluate_command(pred, truth, out, images=None, section: str = "test", penalty="diagonal", figures: bool = True,
-                     progress: bool = True, nsd_tolerance_mm: float = 1.0) -> None:
+                     progress: bool = True, nsd_tolerance_mm: float = 1.0, label=None) -> None:
     """Evaluate predicted NIfTI masks against ground truth (DSC, IoU, HD95, ASSD, NSD ... in mm).
 
     Args:
@@ -669,10 +686,11 @@ def evaluate_command(pred, truth, out, images=None, section: str = "test", penal
         figures: write box plots and per-case overlays.
         progress: show a progress bar.
         nsd_tolerance_mm: tolerance of the normalised surface Dice (mm).
+        label: evaluate label N of multi-label maps (default: masks must be binary 0/1).
     """
     try:
         summary = evaluate_folders(pred, truth, out, images=images, section=section, penalty=penalty, figures=figures,
-                                   progress=progress, nsd_tolerance_mm=nsd_tolerance_mm)
+                                   progress=progress, nsd_tolerance_mm=nsd_tolerance_mm, label=label)
     except InputError as exc:
         raise SystemExit(f"npc-gtv evaluate: {exc}") from None
     print((Path(out) / "summary.md").read_text())
@@ -711,7 +729,8 @@ def compare_command(*runs, out=None, metric: str = "dsc", alpha: float = 0.05) -
         print(f"wrote {out / 'compare.md'}, compare.json, figures/")
 
 
-def agreement_command(rater_a, rater_b, out, figures: bool = True, progress: bool = True, all_metrics: bool = False) -> None:
+def agreement_command(rater_a, rater_b, out, figures: bool = True, progress: bool = True, all_metrics: bool = False,
+                      label=None) -> None:
     """Inter-rater agreement (Dice and Jaccard per case) between two folders of masks.
 
     Args:
@@ -721,9 +740,11 @@ def agreement_command(rater_a, rater_b, out, figures: bool = True, progress: boo
         figures: write box plots and per-case bar charts.
         progress: show a progress bar.
         all_metrics: report every evaluation metric instead of Dice and Jaccard only.
+        label: compare label N of multi-label maps (default: masks must be binary 0/1).
     """
     try:
-        summary = agreement_folders(rater_a, rater_b, out, figures=figures, progress=progress, all_metrics=all_metrics)
+        summary = agreement_folders(rater_a, rater_b, out, figures=figures, progress=progress, all_metrics=all_metrics,
+                                    label=label)
     except InputError as exc:
         raise SystemExit(f"npc-gtv agreement: {exc}") from None
     print((Path(out) / "summary.md").read_text())
