@@ -193,14 +193,11 @@ def test_commands_end_to_end_and_input_safety(cases, tmp_path, capsys, caplog):
     assert list(rs.ROIContourSequence[0].ROIDisplayColor) == [0, 128, 255]
     # outputs never replace inputs, existing outputs are kept unless --overwrite
     before = mask_path.read_bytes()
-    with pytest.raises(InputError, match="input"):
-        main(["rtstruct", "--ct", str(ct_dir), "--mask", str(mask_path), "--out", str(mask_path), "--overwrite"])
+    _expect_cli_error(capsys, lambda: main(["rtstruct", "--ct", str(ct_dir), "--mask", str(mask_path), "--out", str(mask_path), "--overwrite"]), "input")
     assert mask_path.read_bytes() == before
     ct_file = sorted(ct_dir.iterdir())[0]
-    with pytest.raises(InputError, match="input"):
-        main(["dicomseg", "--ct", str(ct_dir), "--mask", str(mask_path), "--out", str(ct_file), "--overwrite"])
-    with pytest.raises(InputError, match="already exists"):
-        main(["rtstruct", "--ct", str(ct_dir), "--mask", str(mask_path), "--out", str(tmp_path / "RS.dcm")])
+    _expect_cli_error(capsys, lambda: main(["dicomseg", "--ct", str(ct_dir), "--mask", str(mask_path), "--out", str(ct_file), "--overwrite"]), "input")
+    _expect_cli_error(capsys, lambda: main(["rtstruct", "--ct", str(ct_dir), "--mask", str(mask_path), "--out", str(tmp_path / "RS.dcm")]), "already exists")
 
 
 def test_inference_pipeline_dicom_in_rtstruct_out(cases, tmp_path):
@@ -254,3 +251,11 @@ def test_save_dicom_rt_distinct_names_for_same_folder_names(cases, tmp_path):
     with pytest.raises(ValueError, match="at least one"):
         SaveDicomRTd(keys="pred", write_rtstruct=False, write_seg=False)
 
+
+def _expect_cli_error(capsys, call, match):
+    """The CLI turns bad input into exit code 2 and a one-line message naming the file."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        call()
+    assert stop.value.code == 2
+    assert match in capsys.readouterr().err

@@ -248,5 +248,7 @@ def test_dicom2nifti_command(phantom_ct, tmp_path, capsys):
     np.testing.assert_allclose(aff, ph.affine, atol=1e-4)
     printed = capsys.readouterr().out
     assert "shape (96, 96, 32)" in printed and "Phantom" not in printed
-    with pytest.raises(InputError, match="already exists"):
+    with pytest.raises(SystemExit) as stop:  # the CLI prints the file and the problem, no traceback
         main(["dicom2nifti", str(folder), str(out)])
+    assert stop.value.code == 2
+    assert "already exists" in capsys.readouterr().err
