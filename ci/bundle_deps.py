@@ -239,11 +239,17 @@ def third_party_imports(bundle: Path, source_root: Path | None = None, packages=
     return used
 
 
+_PACKAGES_DISTRIBUTIONS: dict | None = None
+
+
 def distribution_of(import_name: str) -> str | None:
     """Installed distribution providing top-level module ``import_name`` (None when unknown)."""
+    global _PACKAGES_DISTRIBUTIONS
     from importlib import metadata
 
-    dists = metadata.packages_distributions().get(import_name)
+    if _PACKAGES_DISTRIBUTIONS is None:  # scanning every installed distribution is slow: once per process
+        _PACKAGES_DISTRIBUTIONS = metadata.packages_distributions()
+    dists = _PACKAGES_DISTRIBUTIONS.get(import_name)
     if dists:
         return dists[0]
     return KNOWN_DISTRIBUTIONS.get(import_name)

@@ -332,12 +332,7 @@ def metadata(monai_version: str | None = None) -> dict:
         "monai_version": monai_version or monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
-        "required_packages_version": {
-            "pytorch-ignite": v("pytorch-ignite"),
-            "nibabel": v("nibabel"),
-            "scipy": v("scipy"),
-            "tensorboard": v("tensorboard"),
-        },
+        "required_packages_version": {"pytorch-ignite": v("pytorch-ignite"), "tensorboard": v("tensorboard")},
         "task": "CI self-test: segmentation of the phantom GTV",
         "description": "Two-layer convolutional network used only to test the model-zoo checks and packaging.",
         "authors": "NPC GTV toolkit contributors",
@@ -382,4 +377,17 @@ def write_tiny_bundle(dest, name: str = "tiny_seg") -> Path:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    # the shared code evolves (e.g. io.py reading DICOM folders pulls in pydicom): list what it imports now
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bundle_deps
+    from importlib import metadata as im
+
+    meta = json.loads((root / "configs/metadata.json").read_text())
+    for name in bundle_deps.third_party_imports(root, Path(__file__).resolve().parents[1]):
+        dist = bundle_deps.distribution_of(name)
+        if name not in bundle_deps.BASE_PACKAGES and dist:
+            meta["required_packages_version"][bundle_deps.normalize(dist)] = im.version(dist)
+    (root / "configs/metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return root

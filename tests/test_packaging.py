@@ -1,0 +1,160 @@
+"""``npc-gtv package``: vendored copy equals the source, layout, zip, and the package works with the repo hidden."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from npc_gtv import packaging
+
+REPO = Path(__file__).resolve().parents[1]
+CI = REPO / "ci"
+BUNDLES = ["sats_npc", "unet25d_ssl", "hcf_sanet"]
+
+
+def _ci(name):
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(CI))
+    spec = importlib.util.spec_from_file_location(name, CI / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    bundle = _ci("tiny_bundle").write_tiny_bundle(tmp_path / "src")
+    (bundle / "models").mkdir()
+    (bundle / "models" / "model.pt").write_bytes(b"weights")
+    (bundle / "models" / "checkpoint_last.pt").write_bytes(b"training state")
+    (bundle / "models" / ".checkpoint_last.pt.abc.pt").write_bytes(b"stale temp")
+    (bundle / "scripts" / "__pycache__").mkdir()
+    (bundle / "scripts" / "__pycache__" / "net.cpython-311.pyc").write_bytes(b"x")
+    return bundle
+
+
+def test_package_layout_vendoring_and_zip(tiny, tmp_path, capsys):
+    packaging.package_command(str(tiny), out=str(tmp_path / "dist"))
+    printed = capsys.readouterr().out
+    assert "vendored copy verified identical to the source" in printed
+    pkg = tmp_path / "dist" / "tiny_seg"
+    manifest = json.loads((pkg / "scripts" / "_vendor" / "VENDORED.json").read_text())
+    # exactly what the configs/scripts need, transitively; unrelated shared code stays out
+    for needed in ("npc_gtv", "npc_gtv.phantoms", "npc_gtv.training", "shared_transforms", "shared_transforms.io",
+                   "shared_transforms.intensity"):
+        assert needed in manifest["modules"]
+    for unrelated in ("npc_gtv.packaging", "npc_gtv.cli", "shared_transforms.symmetry", "shared_transforms.flip"):
+        assert unrelated not in manifest["modules"]
+    for rel in manifest["files"]:  # byte-for-byte copies
+        assert (pkg / "scripts" / "_vendor" / rel).read_bytes() == (REPO / rel).read_bytes()
+    assert packaging.verify_vendored(pkg) == []
+    # training state and caches are not shipped; final weights are
+    assert (pkg / "models" / "model.pt").read_bytes() == b"weights"
+    assert not (pkg / "models" / "checkpoint_last.pt").exists()
+    assert not list(pkg.rglob("*.pyc")) and not list(pkg.rglob(".checkpoint_last*"))
+    # configs: only "$import scripts" added, first in the imports list
+    src_lines = (tiny / "configs" / "train.yaml").read_text().splitlines()
+    pkg_lines = (pkg / "configs" / "train.yaml").read_text().splitlines()
+    assert pkg_lines[:2] == ["imports:", "  - $import scripts"] and pkg_lines[2:] == src_lines[1:]
+    assert (pkg / "configs" / "quick.yaml").read_text() == (tiny / "configs" / "quick.yaml").read_text()
+    assert (pkg / "scripts" / "net.py").read_bytes() == (tiny / "scripts" / "net.py").read_bytes()
+    with zipfile.ZipFile(tmp_path / "dist" / "tiny_seg.zip") as zf:
+        names = set(zf.namelist())
+    assert "tiny_seg/configs/metadata.json" in names and "tiny_seg/scripts/_vendor/npc_gtv/training.py" in names
+    assert len(names) == sum(1 for p in pkg.rglob("*") if p.is_file())
+
+
+def test_tampered_vendored_copy_is_detected_and_outputs_protected(tiny, tmp_path):
+    result = packaging.package_bundle(tiny, tmp_path / "dist")
+    copy = result["folder"] / "scripts" / "_vendor" / "npc_gtv" / "training.py"
+    copy.write_text(copy.read_text() + "\n# edited by hand\n")
+    assert packaging.verify_vendored(result["folder"]) == ["npc_gtv/training.py: differs from the source"]
+    with pytest.raises(ValueError, match="already exists"):
+        packaging.package_bundle(tiny, tmp_path / "dist")
+    again = packaging.package_bundle(tiny, tmp_path / "dist", overwrite=True)
+    assert packaging.verify_vendored(again["folder"]) == []
+    foreign = tmp_path / "other" / "tiny_seg"
+    foreign.mkdir(parents=True)
+    (foreign / "precious.txt").write_text("x")
+    with pytest.raises(ValueError, match="not made by"):
+        packaging.package_bundle(tiny, tmp_path / "other", overwrite=True)
+    assert (foreign / "precious.txt").exists()
+    with pytest.raises(ValueError, match="not found"):
+        packaging.package_bundle(tmp_path / "nope", tmp_path / "dist")
+
+
+HIDDEN_IMPORT = r"""
+import json, os, sys
+sys.path.insert(0, {ci!r})
+import bundle_deps
+bundle_deps.hide_installed_project()
+sys.path.pop(0)
+try:
+    import npc_gtv
+    raise SystemExit("repository still importable")
+except ImportError:
+    pass
+bundle = {bundle!r}
+sys.path.insert(0, bundle)
+from monai.bundle import ConfigParser
+parser = ConfigParser()
+parser.read_config([os.path.join(bundle, "configs", c) for c in {configs!r}])
+parser["bundle_root"] = bundle
+for i in range(len(parser["imports"])):
+    parser.get_parsed_content(f"imports#{{i}}")
+net = parser.get_parsed_content("network_def")
+files = {{}}
+for mod in json.load(open(os.path.join(bundle, "scripts/_vendor/VENDORED.json")))["modules"]:
+    files[mod] = __import__(mod, fromlist=["_"]).__file__
+print("NET", type(net).__name__, sum(p.numel() for p in net.parameters()))
+print("FILES", json.dumps(files))
+"""
+
+
+def _run_hidden(bundle: Path, configs: list[str]):
+    code = HIDDEN_IMPORT.format(ci=str(CI), bundle=str(bundle), configs=configs)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(bundle), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("FILES "))[6:])
+    assert files and all(str(bundle / "scripts" / "_vendor") in f for f in files.values()), files
+    return next(line for line in proc.stdout.splitlines() if line.startswith("NET "))
+
+
+def test_tiny_package_imports_with_repository_hidden(tiny, tmp_path):
+    pkg = packaging.package_bundle(tiny, tmp_path / "dist")["folder"]
+    assert _run_hidden(pkg, ["train.yaml", "quick.yaml"]) == "NET TinySegNet 221"  # 1*4*27+4 + 4*27+1
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_real_bundle_package_vendors_and_imports_without_repository(name, tmp_path):
+    bundle = REPO / "bundles" / name
+    if not (bundle / "configs" / "metadata.json").is_file():
+        pytest.skip(f"bundles/{name} has no configs/metadata.json yet")
+    result = packaging.package_bundle(bundle, tmp_path / "dist", make_zip=False)
+    assert packaging.verify_vendored(result["folder"]) == []
+    assert "npc_gtv.training" in result["vendored"]
+    configs = ["train.yaml"] + (["quick.yaml"] if (bundle / "configs" / "quick.yaml").is_file() else [])
+    assert _run_hidden(result["folder"], configs).startswith("NET ")
+
+
+@pytest.mark.slow
+def test_packaged_tiny_bundle_passes_model_zoo_checks_with_repository_hidden(tiny, tmp_path):
+    """The package alone (repo code hidden) passes every ci/check_bundles.py check, quick train/eval/infer included."""
+    check_bundles = _ci("check_bundles")
+    pkg = packaging.package_bundle(tiny, tmp_path / "dist")["folder"]
+    results = check_bundles.check_bundle(pkg, work_dir=tmp_path / "work", data_dir=tmp_path / "data", hide_repo=True,
+                                         timeout=900, log=lambda r: None)
+    assert [r.check for r in results if r.status != "ok"] == [], [r for r in results if r.status != "ok"]
+    train = next(r for r in results if r.check == "train")
+    assert str(pkg / "scripts" / "_vendor" / "npc_gtv") in train.message
