@@ -235,3 +235,22 @@ def test_spacing_from_affine_lps():
     assert spacing_from_affine(aff) == pytest.approx((0.9, 0.9, 3.0))
     rot = np.array([[0, 0, 2.0, 0], [1.5, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1]])
     assert spacing_from_affine(rot) == pytest.approx((1.5, 1.0, 2.0))
+
+
+def test_subvoxel_surface_equals_monai_conv():
+    """The numpy neighbourhood codes give exactly MONAI's get_mask_edges(spacing=...) edges and areas."""
+    from monai.metrics.utils import get_mask_edges
+
+    from npc_gtv.evaluation.metrics import subvoxel_surface
+
+    rng = np.random.default_rng(3)
+    a = np.pad(rng.random((17, 13, 9)) > 0.5, 1)
+    b = np.pad(rng.random((17, 13, 9)) > 0.3, 1)
+    sp = (0.7, 1.1, 2.5)
+    ea, eb, aa, ab = get_mask_edges(torch.as_tensor(a), torch.as_tensor(b), crop=False, spacing=sp)
+    mine_a, area_a = subvoxel_surface(a, sp)
+    mine_b, area_b = subvoxel_surface(b, sp)
+    assert mine_a.shape == (18, 14, 10)
+    assert np.array_equal(mine_a, ea.numpy()) and np.array_equal(mine_b, eb.numpy())
+    assert np.array_equal(area_a, aa.numpy()) and np.array_equal(area_b, ab.numpy())
+    assert area_a[mine_a].sum() > 0 and np.all(area_a[~mine_a] == 0)

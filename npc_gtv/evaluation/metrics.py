@@ -25,8 +25,10 @@ with the spacing always passed; the surface voxels of a mask are its voxels with
 6-neighbour outside the mask (binary erosion XOR mask, outside the image counts as background),
 exactly as :func:`monai.metrics.compute_hausdorff_distance` and
 :func:`monai.metrics.compute_average_surface_distance` define them. The normalised surface Dice
-uses MONAI's sub-voxel surface elements with their areas (``use_subvoxels=True``), which is the
-DeepMind ``surface-distance`` definition the SegRap2023 evaluation code uses.
+uses MONAI's sub-voxel surface elements with their areas (as ``compute_surface_dice`` with
+``use_subvoxels=True``), which is the DeepMind ``surface-distance`` definition the SegRap2023
+evaluation code uses; the neighbourhood codes are computed with numpy shifts from MONAI's own
+kernel and area table (:func:`subvoxel_surface`, identical to MONAI's ``conv3d``, much faster).
 
 MONAI returns NaN/inf when a mask is empty and then silently drops the case from means. Here:
 
@@ -39,8 +41,8 @@ MONAI returns NaN/inf when a mask is empty and then silently drops the case from
 Speed: both masks are cropped to the bounding box of their union plus a one-voxel zero margin
 before any erosion or distance computation. Every metric is unchanged by this crop (voxels
 outside the union are background in both masks, and the zero margin reproduces the image-border
-behaviour), so a 512 x 512 x 130 case takes well under a second on one core; ``crop=False``
-computes the same values on the whole volume (used by ``bench/bench_metrics.py``).
+behaviour), so a 512 x 512 x 130 case takes about 0.2 s on one core; ``crop=False`` computes the
+same values on the whole volume (about 6 s; used by ``bench/bench_metrics.py``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ __all__ = [
     "penalty_distance",
     "union_crop",
     "SurfaceDistances",
+    "subvoxel_surface",
     "surface_distances",
     "overlap_counts",
     "slice_counts",
@@ -239,6 +242,41 @@ class SurfaceDistances:
     truth_areas: np.ndarray | None = None
 
 
+def subvoxel_surface(mask: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-voxel surface elements of a 3D mask and their areas, from MONAI's lookup table.
+
+    Each 2x2x2 block of voxels is encoded with MONAI's kernel (bit weights 128 ... 1) into a
+    neighbourhood code; blocks whose code is neither 0 nor 255 hold surface, with the area
+    ``table[code]`` of :func:`monai.metrics.utils.get_code_to_measure_table` (the DeepMind
+    surface-distance areas). This is exactly what :func:`monai.metrics.utils.get_mask_edges` with
+    ``spacing`` computes with a 2x2x2 ``conv3d``; the eight shifted integer additions here give
+    identical codes about 50 times faster on the CPU.
+
+    Args:
+        mask: boolean mask ``(X, Y, Z)`` with a background margin (see :func:`union_crop`).
+        spacing: voxel spacing in mm.
+
+    Returns:
+        ``(edges bool (X-1, Y-1, Z-1), areas float32 (X-1, Y-1, Z-1))``.
+    """
+    from monai.metrics.utils import get_code_to_measure_table
+
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    if m.ndim != 3:
+        raise ValueError(f"subvoxel_surface needs a 3D mask, got shape {m.shape}")
+    table, kernel = get_code_to_measure_table(tuple(float(s) for s in spacing))
+    weights = kernel.reshape(2, 2, 2).cpu().numpy().astype(np.uint8)
+    nx, ny, nz = (d - 1 for d in m.shape)
+    code = np.zeros((nx, ny, nz), dtype=np.uint8)
+    for i in (0, 1):
+        for j in (0, 1):
+            for k in (0, 1):
+                code += m[i:i + nx, j:j + ny, k:k + nz] * weights[i, j, k]
+    edges = (code != 0) & (code != 255)
+    areas = table.cpu().numpy().astype(np.float32)[code]
+    return edges, areas
+
+
 def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing, *, subvoxels: bool = False) -> SurfaceDistances:
     """Surface distances in both directions with MONAI's edge and distance functions.
 
@@ -252,7 +290,7 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing, *, subvoxels
         subvoxels: ``False``: surface voxels (mask XOR its erosion), as MONAI's Hausdorff and
             average surface distance use; ``True``: sub-voxel surface elements with areas
             (marching-cubes cube codes), as MONAI's surface Dice with ``use_subvoxels=True`` and
-            the DeepMind surface-distance package use.
+            the DeepMind surface-distance package use (3D: :func:`subvoxel_surface`).
 
     Returns:
         :class:`SurfaceDistances` with float64 numpy arrays.
@@ -265,7 +303,12 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing, *, subvoxels
     t = torch.as_tensor(np.ascontiguousarray(truth, dtype=bool))
     if not bool(p.any()) or not bool(t.any()):
         raise ValueError("surface_distances needs two non-empty masks (empty cases are handled by compute_case_metrics)")
-    if subvoxels:
+    if subvoxels and pred.ndim == 3:
+        e_p, a_p = subvoxel_surface(pred, sp)
+        e_t, a_t = subvoxel_surface(truth, sp)
+        edges_p, edges_t = torch.as_tensor(e_p), torch.as_tensor(e_t)
+        areas_p, areas_t = torch.as_tensor(a_p), torch.as_tensor(a_t)
+    elif subvoxels:
         edges_p, edges_t, areas_p, areas_t = get_mask_edges(p, t, crop=False, spacing=sp)
     else:
         edges_p, edges_t = get_mask_edges(p, t, crop=False)
