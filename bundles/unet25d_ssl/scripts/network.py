@@ -284,14 +284,19 @@ class UNet25DEnsemble(nn.Module):
         channels: Sequence[int] = CHANNELS,
     ):
         super().__init__()
-        if num_members < 1:
-            raise ValueError(f"num_members must be >= 1, got {num_members}")
         if return_spread and out_channels != 2:
             raise ValueError("return_spread needs out_channels == 2 (foreground = channel 1)")
-        self.num_members = int(num_members)
-        self.shared_encoder = bool(shared_encoder)
         self.return_spread = bool(return_spread)
-        if self.shared_encoder:
+        self._dims = (int(in_channels), int(out_channels), tuple(channels))
+        self._build(int(num_members), bool(shared_encoder))
+
+    def _build(self, num_members: int, shared_encoder: bool) -> None:
+        if num_members < 1:
+            raise ValueError(f"num_members must be >= 1, got {num_members}")
+        in_channels, out_channels, channels = self._dims
+        self.num_members = num_members
+        self.shared_encoder = shared_encoder
+        if shared_encoder:
             self.encoder = UNet25DEncoder(in_channels, channels)
             self.decoders = nn.ModuleList([UNet25DDecoder(out_channels, channels) for _ in range(num_members)])
             self.members = nn.ModuleList()
@@ -299,6 +304,28 @@ class UNet25DEnsemble(nn.Module):
             self.encoder = None
             self.decoders = nn.ModuleList()
             self.members = nn.ModuleList([UNet25D(in_channels, out_channels, channels) for _ in range(num_members)])
+
+    @staticmethod
+    def layout_of(state_dict) -> tuple[bool, int]:
+        """``(shared_encoder, num_members)`` of an ensemble state dict."""
+        shared = any(k.startswith("encoder.") for k in state_dict)
+        prefix = "decoders." if shared else "members."
+        idx = {int(k.split(".")[1]) for k in state_dict if k.startswith(prefix)}
+        return shared, len(idx)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load an ensemble state dict; the module is first rebuilt to the file's layout if it differs.
+
+        The weights file decides between one shared encoder + decoders and independent full
+        members (and their number), so an inference config never needs to know how the ensemble
+        was trained.
+        """
+        shared, n = self.layout_of(state_dict)
+        if n >= 1 and (shared, n) != (self.shared_encoder, self.num_members):
+            device = next(self.parameters()).device
+            self._build(n, shared)
+            self.to(device)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities of every member, ``(M, B, out_channels, X, Y, Z)``."""

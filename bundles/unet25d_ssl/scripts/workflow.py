@@ -5,9 +5,9 @@
   ``mode="subtract"`` (default) lowers the rate by 1e-4 every 150 epochs (1e-3, 9e-4, ... 5e-4 at
   epoch 750), which keeps training meaningful for all 900 epochs; ``mode="multiply"`` multiplies it
   by the factor (1e-3 -> 1e-7 after 150 epochs, i.e. training effectively stops there).
-* :func:`train_all_scales` -- one command trains the five scale models in sequence (each in its
-  own ``python -m monai.bundle run training ... --scale <s>`` process, with exactly the
-  command line's other arguments) and then :func:`assemble_ensemble` writes ``ckpt_dir/model.pt``.
+* :func:`train_all_scales` -- one command trains the five scale models in sequence (a fresh
+  parser of the running config per scale, all overrides kept) and then :func:`assemble_ensemble`
+  writes ``model.pt``.
 * :func:`assemble_ensemble` -- the ensemble's single weights file: with a shared (frozen,
   pretrained) encoder, ONE copy of the encoder plus five decoders; otherwise five full networks.
   ``ckpt_dir/ensemble.json`` records the layout, read back by :func:`ensemble_layout`.
@@ -16,10 +16,6 @@
 from __future__ import annotations
 
 import json
-import math
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +33,8 @@ __all__ = [
     "assemble_ensemble",
     "ensemble_layout",
     "train_all_scales",
+    "running_config",
+    "resolve_freeze",
     "fuse_batchnorm_",
     "FuseBatchNorm",
 ]
@@ -132,62 +130,93 @@ def ensemble_layout(ckpt_dir, key: str = "shared_encoder", default=True):
         raise InputError(p, f"is not valid JSON ({exc})") from exc
 
 
-def _strip_option(args: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-            continue
-        if a == f"--{name}":
-            skip = True
-            continue
-        if a.startswith(f"--{name}="):
-            continue
-        out.append(a)
-    return out
+def resolve_freeze(freeze_encoder, pretrained_encoder) -> bool:
+    """Decide whether to load and freeze the pretrained encoder.
+
+    Args:
+        freeze_encoder: ``True`` (required: the file must exist), ``False`` (full model from
+            scratch) or ``"auto"``: frozen pretrained encoder when ``pretrained_encoder`` exists,
+            otherwise full model from scratch (a notice says which).
+        pretrained_encoder: the ``encoder.pt`` written by ``pretrain.yaml``.
+    """
+    if isinstance(freeze_encoder, str):
+        value = freeze_encoder.strip().lower()
+        if value == "auto":
+            found = bool(pretrained_encoder) and Path(pretrained_encoder).is_file()
+            print(
+                f"freeze_encoder=auto: {'using the frozen pretrained encoder ' + str(pretrained_encoder) if found else 'no pretrained encoder at ' + repr(pretrained_encoder) + ', training full models from scratch (run configs/pretrain.yaml first for the SSL method)'}",
+                flush=True,
+            )
+            return found
+        if value in ("true", "1", "yes"):
+            freeze_encoder = True
+        elif value in ("false", "0", "no", ""):
+            freeze_encoder = False
+        else:
+            raise ValueError(f"freeze_encoder must be true, false or auto, got {freeze_encoder!r}")
+    if freeze_encoder and not (pretrained_encoder and Path(pretrained_encoder).is_file()):
+        raise InputError(pretrained_encoder, "freeze_encoder is true but the pretrained encoder file does not exist "
+                                             "(run configs/pretrain.yaml first, or set --freeze_encoder false / auto)")
+    return bool(freeze_encoder)
 
 
-def train_all_scales(
-    scales: Sequence = SCALES,
-    ckpt_dir=None,
-    shared_encoder: bool = True,
-    encoder_path=None,
-    run_id: str = "train_all",
-    train_id: str = "training",
-    argv: Sequence[str] | None = None,
-) -> Path:
-    """Train the scale models one after the other, then assemble the ensemble.
+def running_config() -> dict:
+    """The raw (unresolved) merged config, overrides included, of the bundle workflow now running.
 
-    Called from ``train.yaml``'s ``train_all`` entry; each scale runs as
-    ``python -m monai.bundle run <train_id> <the same arguments> --scale <name>`` so that every
-    override of the command line (data set, epochs, quick.yaml, ...) applies to all five. A scale
-    whose training already finished is skipped quickly (the resumable checkpoint is complete).
+    Found on the call stack: the ``ConfigWorkflow`` (``monai.bundle run`` or the Python API) whose
+    parser is evaluating the current expression.
+    """
+    import copy
+    import inspect
+
+    from monai.bundle import ConfigParser
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        parser = obj if isinstance(obj, ConfigParser) else getattr(obj, "parser", None)
+        if isinstance(parser, ConfigParser):
+            return copy.deepcopy(parser.get())
+        frame = frame.f_back
+    raise RuntimeError("train_all_scales must be called from a running bundle config (python -m monai.bundle run ...)")
+
+
+def train_all_scales(scales: Sequence = SCALES, model_dir=None, shared_encoder: bool = True, encoder_path=None, train_id: str = "training", config: dict | None = None) -> Path:
+    """Train the scale models one after the other (in this process), then assemble the ensemble.
+
+    Called from ``train.yaml`` (``run`` / ``train_all``). For each scale a fresh parser of the
+    running config (every command-line override kept) with ``scale`` set runs ``initialize`` and
+    ``train_id``. A scale whose training already finished returns at once (resumable checkpoint),
+    so rerunning the command after an interruption continues where it stopped.
 
     Args:
         scales: scales to train, in ensemble order.
-        ckpt_dir: the bundle's ``ckpt_dir`` (per-scale folders are created inside).
+        model_dir: folder of the per-scale folders and the ensemble file.
         shared_encoder: assemble one shared encoder (frozen-encoder training) or full members.
         encoder_path: pretrained encoder file for ``shared_encoder``.
-        run_id: this entry's id on the command line (replaced by ``train_id``).
         train_id: id of the single-scale training workflow.
-        argv: command line to replay (default ``sys.argv``).
+        config: raw config to use (default: :func:`running_config`).
     """
-    args = list(sys.argv if argv is None else argv)
-    if run_id not in args:
-        raise ValueError(f"cannot find the run id {run_id!r} in the command line {args}")
-    pos = args.index(run_id)
-    rest = _strip_option(args[pos + 1 :], "scale")
-    prefix = args[1:pos]  # e.g. ["run"]
+    import copy
+    import gc
+
+    from monai.bundle import ConfigParser
+
+    raw = running_config() if config is None else config
     for s in scales:
         name = SCALES[scale_index(s)]
-        cmd = [sys.executable, "-m", "monai.bundle", *prefix, train_id, *rest, "--scale", name]
-        print(f"=== training scale {name} ===\n{' '.join(cmd)}", flush=True)
+        print(f"=== training scale {name} ===", flush=True)
         t0 = time.time()
-        proc = subprocess.run(cmd, env=dict(os.environ))
-        if proc.returncode != 0:
-            raise RuntimeError(f"training of scale {name} failed (exit code {proc.returncode}); rerun the same command to resume")
+        parser = ConfigParser(copy.deepcopy(raw))
+        parser["scale"] = name
+        parser.parse()
+        if "initialize" in parser:
+            parser.get_parsed_content("initialize")
+        parser.get_parsed_content(train_id)
+        del parser
+        gc.collect()
         print(f"=== scale {name} done in {time.time() - t0:.1f} s ===", flush=True)
-    return assemble_ensemble(ckpt_dir, scales, shared_encoder, encoder_path)
+    return assemble_ensemble(model_dir, scales, shared_encoder, encoder_path)
 
 
 def fuse_batchnorm_(module: torch.nn.Module) -> torch.nn.Module:
