@@ -76,6 +76,10 @@ def test_evaluate_folders_writes_report(folders):
     assert s["metrics"]["dsc"]["mean"] == pytest.approx(0.6)
     assert s["metrics"]["dsc"]["median"] == pytest.approx(0.8)
     assert s["metrics"]["dsc"]["std"] == pytest.approx(np.std([0.8, 0.0, 1.0], ddof=1))
+    # pooled over all slices (HCF's slice-classifier measure): truth slices 5 + 4, predicted 5, shared 5
+    assert s["pooled_slices"]["slice_recall"] == pytest.approx(5 / 9)
+    assert s["pooled_slices"]["slice_precision"] == pytest.approx(1.0)
+    assert rows["case_b"]["slices_truth"] == "4" and rows["case_b"]["slices_pred"] == "0"
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["metrics"]["hd95"]["n"] == 3 and on_disk["n_cases"] == 3
     md = (out / "summary.md").read_text()
@@ -233,7 +237,7 @@ def test_agreement_dice_and_jaccard(tmp_path, capsys):
     assert float(rows["p1"]["dsc"]) == pytest.approx(2 * 64 / 160)
     assert float(rows["p1"]["iou"]) == pytest.approx(64 / 96)
     assert float(rows["p2"]["dsc"]) == 1.0
-    assert "hd95" not in rows["p1"]
+    assert "hd95" not in rows["p1"] and "slices_truth" not in rows["p1"]
     s = json.loads((tmp_path / "agr" / "summary.json").read_text())
     assert s["metrics"]["iou"]["mean"] == pytest.approx((64 / 96 + 1) / 2)
     assert (tmp_path / "agr" / "figures" / "cases_dsc.png").exists()

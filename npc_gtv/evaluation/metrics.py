@@ -119,6 +119,7 @@ EMPTY_BOTH = "both_empty"
 EMPTY_PRED = "pred_empty"
 EMPTY_TRUTH = "truth_empty"
 
+_EXTRA = ("empty_case", "penalty_mm", "slices_both", "slices_pred", "slices_truth")
 _OVERLAP = ("dsc", "iou", "sensitivity", "ppv", "nsd", "slice_recall", "slice_precision")
 _DISTANCES = ("hd", "hd95", "assd")
 
@@ -370,7 +371,8 @@ def compute_case_metrics(
 
     Returns:
         dict with every name of :data:`METRICS` (floats) plus ``empty_case`` (``""``,
-        ``"both_empty"``, ``"pred_empty"`` or ``"truth_empty"``) and ``penalty_mm``.
+        ``"both_empty"``, ``"pred_empty"`` or ``"truth_empty"``), ``penalty_mm`` and the slice
+        counts ``slices_both``, ``slices_pred``, ``slices_truth`` (for pooled slice scores).
     """
     p = _as_bool(pred, "pred")
     t = _as_bool(truth, "truth")
@@ -392,7 +394,7 @@ def compute_case_metrics(
         pc, tc = np.pad(p, 1), np.pad(t, 1)
     tp, n_pred, n_truth = overlap_counts(pc, tc)
 
-    out: dict = {"empty_case": EMPTY_NONE, "penalty_mm": pen}
+    out: dict = {"empty_case": EMPTY_NONE, "penalty_mm": pen, "slices_both": s_both, "slices_pred": s_pred, "slices_truth": s_truth}
     out["volume_pred_ml"] = n_pred * voxel_ml
     out["volume_truth_ml"] = n_truth * voxel_ml
 
@@ -401,13 +403,13 @@ def compute_case_metrics(
         out.update({k: 1.0 for k in _OVERLAP})
         out.update({k: 0.0 for k in _DISTANCES})
         out["rve"] = 0.0
-        return {k: out[k] for k in (*METRICS, "empty_case", "penalty_mm")}
+        return {k: out[k] for k in (*METRICS, *_EXTRA)}
     if n_pred == 0 or n_truth == 0:
         out["empty_case"] = EMPTY_PRED if n_pred == 0 else EMPTY_TRUTH
         out.update({k: 0.0 for k in _OVERLAP})
         out.update({k: pen for k in _DISTANCES})
         out["rve"] = 1.0 if n_pred == 0 else float("nan")
-        return {k: out[k] for k in (*METRICS, "empty_case", "penalty_mm")}
+        return {k: out[k] for k in (*METRICS, *_EXTRA)}
 
     out["dsc"] = 2.0 * tp / (n_pred + n_truth)
     out["iou"] = tp / (n_pred + n_truth - tp)
@@ -433,4 +435,4 @@ def compute_case_metrics(
         tol = float(nsd_tolerance_mm)
         good = np.count_nonzero(d_pt <= tol) + np.count_nonzero(d_tp <= tol)
         out["nsd"] = float(good / (d_pt.size + d_tp.size))
-    return {k: (float(out[k]) if k in METRICS else out[k]) for k in (*METRICS, "empty_case", "penalty_mm")}
+    return {k: (float(out[k]) if k in METRICS else out[k]) for k in (*METRICS, *_EXTRA)}

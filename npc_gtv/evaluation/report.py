@@ -236,7 +236,9 @@ def summarize(records: Sequence[Mapping], metrics: Sequence[str] = METRICS) -> d
     """Mean, sample standard deviation (n-1), median, min, max and counts of each metric.
 
     Every case counts; only values that are undefined by definition (``rve`` with an empty
-    truth) are left out of that metric's statistics and counted in ``n_undefined``.
+    truth) are left out of that metric's statistics and counted in ``n_undefined``. When the
+    records carry slice counts, ``pooled_slices`` gives the slice recall and precision over all
+    axial slices of all cases together (the HCF paper's slice-classifier measure).
     """
     summary = {
         "n_cases": len(records),
@@ -247,6 +249,17 @@ def summarize(records: Sequence[Mapping], metrics: Sequence[str] = METRICS) -> d
         },
         "metrics": {m: _stats([float(r[m]) for r in records]) for m in metrics},
     }
+    if all("slices_truth" in r for r in records):
+        both = sum(int(r["slices_both"]) for r in records)
+        n_pred = sum(int(r["slices_pred"]) for r in records)
+        n_truth = sum(int(r["slices_truth"]) for r in records)
+        summary["pooled_slices"] = {
+            "slices_both": both,
+            "slices_pred": n_pred,
+            "slices_truth": n_truth,
+            "slice_recall": both / n_truth if n_truth else (1.0 if not n_pred else 0.0),
+            "slice_precision": both / n_pred if n_pred else (1.0 if not n_truth else 0.0),
+        }
     return summary
 
 
@@ -277,6 +290,11 @@ def _summary_markdown(summary: Mapping, title: str) -> str:
             f"| {m}{unit}{arrow} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | {_fmt(s['median'])} | "
             f"{_fmt(s['min'])} | {_fmt(s['max'])} | {n} |"
         )
+    pooled = summary.get("pooled_slices")
+    if pooled:
+        lines += ["", f"Pooled over all axial slices of all cases: slice recall {_fmt(pooled['slice_recall'])} "
+                  f"({pooled['slices_both']}/{pooled['slices_truth']}), slice precision {_fmt(pooled['slice_precision'])} "
+                  f"({pooled['slices_both']}/{pooled['slices_pred']})."]
     lines += ["", "Definitions: docs/evaluation.md of the NPC GTV toolkit.", ""]
     return "\n".join(lines)
 
@@ -338,7 +356,8 @@ def write_report(
     summary = summarize(records, metrics)
     summary["info"] = dict(info or {})
     summary["files"] = {"metrics_csv": "metrics.csv", "summary_md": "summary.md", "figures": "figures" if figures else None}
-    extra = [c for c in ("empty_case", "penalty_mm", "pred", "truth", "rater_a", "rater_b") if any(c in r for r in records)]
+    extra = [c for c in ("empty_case", "penalty_mm", "slices_both", "slices_pred", "slices_truth", "pred", "truth", "rater_a",
+                         "rater_b") if any(c in r for r in records)]
     _write_text(out / "metrics.csv", _csv_text(records, ["case_id", *metrics, *extra]), inputs)
     _write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n", inputs)
     _write_text(out / "summary.md", _summary_markdown(summary, title), inputs)
@@ -450,7 +469,10 @@ def evaluate_pairs(
         )
         rec = {"case_id": case, **m, "pred": str(pred_path), "truth": str(truth_path)}
         if metrics_only is not None:
-            rec = {k: v for k, v in rec.items() if k not in METRICS or k in metrics_only}
+            drop = set(METRICS) - set(metrics_only)
+            if "slice_recall" not in metrics_only:
+                drop |= {"slices_both", "slices_pred", "slices_truth"}
+            rec = {k: v for k, v in rec.items() if k not in drop}
         records.append(rec)
         if overlay_dir is not None:
             from .figures import overlay_png
