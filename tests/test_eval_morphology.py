@@ -104,7 +104,8 @@ def test_morphology_command_csv(tmp_path, capsys):
     save_nifti(mask[::-1].copy(), aff, tmp_path / "masks" / "p2.nii.gz")
     out = tmp_path / "morph.csv"
     main(["morphology", str(tmp_path / "masks"), "--out", str(out), "--progress", "False"])
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "median (min - max)" in printed
     rows = {r["case_id"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"p1", "p2"}
     v = 4 / 3 * math.pi * 15.0**3 / 1000

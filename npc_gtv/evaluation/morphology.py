@@ -224,4 +224,11 @@ def morphology_command(*masks, out: str = "morphology.csv", smoothing_sigma_vox:
     for r in rows:
         print(f"{r['case_id']:<20} {r['volume_cm3']:>11.3f} {r['surface_area_cm2']:>9.3f} {r['max_diameter_cm']:>8.3f} "
               f"{r['surface_regularity']:>10.3f}")
+    if len(rows) > 1:
+        print("median (min - max), as the data-set paper's Table 2:")
+        for col in ("volume_cm3", "surface_area_cm2", "max_diameter_cm", "surface_regularity"):
+            vals = np.array([r[col] for r in rows], dtype=float)
+            vals = vals[np.isfinite(vals)]
+            if vals.size:
+                print(f"  {col:<20} {np.median(vals):.2f} ({vals.min():.2f} - {vals.max():.2f})")
     print(f"wrote {out} ({len(rows)} masks)")
