@@ -215,3 +215,19 @@ def test_best_keeper_saves_best_and_stops_early(hcf, tmp_path):
     other = eng.BestModelKeeper(net, evaluator, tmp_path / "x.pt", "val")
     other.load_state_dict(state)
     assert other.best == pytest.approx(0.3) and other.bad_rounds == 3
+
+
+def test_cascade_optimized_cpu_path_matches_eager(hcf):
+    nets = bundle_scripts("hcf_sanet", "networks")
+    torch.manual_seed(0)
+    sanet, cls = nets.SANet().eval(), nets.slice_classifier().eval()
+    x = torch.rand(1, 1, 32, 32, 3)
+    eager = hcf["cascade"].CascadeInferer(cls, threshold=0.0, optimize=False)
+    fast = hcf["cascade"].CascadeInferer(cls, threshold=0.0, optimize=True)
+    a, b = eager(x, sanet), fast(x, sanet)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert fast.last_keep.all()
+    # SANet's PPM pools to non-divisible sizes, which oneDNN tensors reject: it runs frozen without
+    # oneDNN layouts (level 1); the classifier keeps the fully optimised copy (level 0)
+    levels = {type(v[0]).__name__: v[2] for v in fast._frozen.values()}
+    assert levels == {"ResNet": 0, "SANet": 1}
