@@ -48,7 +48,7 @@ def test_sphere_on_thick_ct_slices():
 
 def test_raw_marching_cubes_overestimates_sphere_area():
     """The documented reason for the default smoothing: the raw staircase mesh is ~9 % too large."""
-    raw = mask_morphology(_sphere(20.0, (1, 1, 1)), (1, 1, 1), smoothing_sigma_vox=0)
+    raw = mask_morphology(_sphere(20.0, (1, 1, 1)), (1, 1, 1), smoothing="none")
     area = 4 * math.pi * 20.0**2 / 100
     assert 1.06 < raw["surface_area_cm2"] / area < 1.12
     assert raw["volume_cm3"] == pytest.approx(4 / 3 * math.pi * 20.0**3 / 1000, rel=0.01)
@@ -60,17 +60,57 @@ def test_box_volume_area_diameter():
     m = np.zeros((90, 70, 28), dtype=bool)
     m[5:85, 5:65, 4:24] = True  # 80 x 60 x 40 mm
     v, a, d = 80 * 60 * 40, 2 * (80 * 60 + 80 * 40 + 60 * 40), math.sqrt(80**2 + 60**2 + 40**2)
-    raw = mask_morphology(m, sp, smoothing_sigma_vox=0)
+    raw = mask_morphology(m, sp, smoothing="none")
     assert raw["volume_cm3"] == pytest.approx(v / 1000, rel=0.02)
     assert raw["surface_area_cm2"] == pytest.approx(a / 100, rel=0.02)
     assert raw["max_diameter_cm"] == pytest.approx(d / 10, rel=0.02)
-    smooth = mask_morphology(m, sp)  # default smoothing keeps the volume, rounds the edges
+    smooth = mask_morphology(m, sp)  # default Taubin smoothing: edges slightly rounded
     assert smooth["volume_cm3"] == pytest.approx(v / 1000, rel=0.02)
-    assert smooth["surface_area_cm2"] == pytest.approx(a / 100, rel=0.04)
+    assert smooth["surface_area_cm2"] == pytest.approx(a / 100, rel=0.02)
+    assert smooth["max_diameter_cm"] == pytest.approx(d / 10, rel=0.02)
+    blurred = mask_morphology(m, sp, smoothing="gaussian")  # blur rounds the edges more
+    assert blurred["volume_cm3"] == pytest.approx(v / 1000, rel=0.02)
+    assert blurred["surface_area_cm2"] == pytest.approx(a / 100, rel=0.04)
     # regularity of a box is the sphere-relative volume for its area: (80*60*40)/(4/3 pi R^3)
     r = math.sqrt(a / (4 * math.pi))
     assert raw["surface_regularity"] == pytest.approx(v / (4 / 3 * math.pi * r**3), rel=0.04)
     assert raw["voxel_volume_cm3"] == pytest.approx(v / 1000)
+
+
+def test_gaussian_option_on_a_sphere_and_small_irregular_volume():
+    g = mask_morphology(_sphere(20.0, (1, 1, 1)), (1, 1, 1), smoothing="gaussian")
+    assert g["volume_cm3"] == pytest.approx(4 / 3 * math.pi * 20.0**3 / 1000, rel=0.02)
+    assert g["surface_area_cm2"] == pytest.approx(4 * math.pi * 20.0**2 / 100, rel=0.02)
+    # small lumpy objects (~565 voxels in 11 blobs on a coarse grid): Taubin smoothing keeps the
+    # raw mesh's volume, the Gaussian blur shrinks them (why it is not the default)
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(5)
+    blob = gaussian_filter(rng.standard_normal((24, 24, 14)), 2.0)
+    m = blob > np.percentile(blob, 93)
+    sp = (2.4, 2.4, 3.0)
+    raw = mask_morphology(m, sp, smoothing="none")
+    t = mask_morphology(m, sp)
+    g = mask_morphology(m, sp, smoothing="gaussian")
+    assert t["volume_cm3"] == pytest.approx(raw["volume_cm3"], rel=0.02)
+    assert g["volume_cm3"] < 0.8 * raw["volume_cm3"]
+    assert t["n_components"] == 11
+    with pytest.raises(ValueError, match="smoothing"):
+        mask_morphology(m, sp, smoothing="laplace")
+
+
+def test_taubin_does_not_shrink_a_sphere_mesh():
+    from npc_gtv.evaluation.morphology import surface_mesh, taubin_smooth
+
+    verts, faces = surface_mesh(_sphere(15.0, (1, 1, 1)), (1, 1, 1), smoothing="none")
+    centre = verts.mean(axis=0)
+    smooth = taubin_smooth(verts, faces, 30)
+    r_raw = np.linalg.norm(verts - centre, axis=1)
+    r_smooth = np.linalg.norm(smooth - centre, axis=1)
+    assert r_smooth.mean() == pytest.approx(r_raw.mean(), rel=0.01)  # no shrinkage
+    assert r_smooth.std() < 0.5 * r_raw.std()  # staircase removed
+    with pytest.raises(ValueError):
+        taubin_smooth(verts, faces, 5, lam=0.5, mu=-0.4)
 
 
 def test_mesh_formulas_on_a_tetrahedron_and_cube():
@@ -89,7 +129,7 @@ def test_empty_mask_and_two_components():
     m = np.zeros((40, 20, 20), bool)
     m[2:8, 2:8, 2:8] = True
     m[30:36, 2:8, 2:8] = True
-    r = mask_morphology(m, (1, 1, 1), smoothing_sigma_vox=0)
+    r = mask_morphology(m, (1, 1, 1), smoothing="none")
     assert r["n_components"] == 2
     assert r["max_diameter_cm"] * 10 == pytest.approx(math.sqrt(33**2 + 5**2 + 5**2), rel=0.03)
 
