@@ -263,3 +263,24 @@ def test_cli_evaluate_mismatch_exits_with_clear_message(folders):
     assert proc.returncode != 0
     assert "case_c.nii.gz: affine differs" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_write_report_counts_undefined_rve_and_draws_given_overlays(tmp_path):
+    from npc_gtv.evaluation.metrics import compute_case_metrics
+    from npc_gtv.evaluation.report import write_report
+
+    t = _cube((5, 5, 3), (15, 15, 8)).astype(bool)
+    e = np.zeros(SHAPE, bool)
+    sp = (1.0, 1.5, 2.0)
+    records = [{"case_id": "ok", **compute_case_metrics(t, t, sp)},
+               {"case_id": "fp_only", **compute_case_metrics(t, e, sp)}]  # truth empty: rve undefined
+    s = write_report(records, tmp_path / "rep", overlays={"fp_only": {"truth": e, "pred": t, "affine": AFF}})
+    assert s["empty_cases"]["truth_empty"] == 1
+    assert s["metrics"]["rve"]["n"] == 1 and s["metrics"]["rve"]["n_undefined"] == 1
+    assert s["metrics"]["dsc"]["n"] == 2 and s["metrics"]["dsc"]["mean"] == pytest.approx(0.5)
+    assert _rows(tmp_path / "rep" / "metrics.csv")["fp_only"]["rve"] == "nan"
+    assert "| 1 (1 undefined) |" in (tmp_path / "rep" / "summary.md").read_text()
+    assert (tmp_path / "rep" / "figures" / "overlays" / "fp_only.png").exists()
+    json.loads((tmp_path / "rep" / "summary.json").read_text())  # strict JSON (no NaN)
+    with pytest.raises(ValueError, match="at least one"):
+        write_report([], tmp_path / "empty")
