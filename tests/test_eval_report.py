@@ -164,6 +164,11 @@ def test_dataset_json_and_slice_axis_from_affine(tmp_path):
     with pytest.warns(UserWarning, match="p1 drawn without image"):
         evaluate_folders(tmp_path / "pred", ds / "dataset.json", tmp_path / "out3", images=tmp_path / "imgs", progress=False)
     assert (tmp_path / "out3" / "figures" / "overlays" / "p1.png").exists()
+    # the json's folder itself is not an input folder (only its label folders are)
+    evaluate_folders(tmp_path / "pred", ds / "dataset.json", ds / "reports", figures=False, progress=False)
+    assert (ds / "reports" / "metrics.csv").exists()
+    with pytest.raises(InputError, match="inside the input folder"):
+        evaluate_folders(tmp_path / "pred", ds / "dataset.json", ds / "labelsTs" / "r", figures=False, progress=False)
     with pytest.raises(InputError, match="no 'training' list"):
         evaluate_folders(tmp_path / "pred", ds / "dataset.json", tmp_path / "out2", section="training", progress=False)
 

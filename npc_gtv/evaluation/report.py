@@ -205,8 +205,7 @@ def _check_out(out, protected: Sequence) -> Path:
     for item in protected:
         if item is None:
             continue
-        p = Path(item).resolve()
-        folder = p.parent if p.is_file() else p
+        folder = Path(item).resolve()
         if res == folder or folder in res.parents:
             raise InputError(out, f"output folder is inside the input folder {folder}; choose another --out (inputs are never written)")
     return out
@@ -530,8 +529,11 @@ def evaluate_folders(
             unreadable files, or ``out`` inside an input folder.
     """
     pred, truth = Path(pred), Path(truth)
-    out = _check_out(out, [pred, truth, images])
     labels, imgs, names = load_truth_cases(truth, section=section, images=images)
+    # never write into an input folder: the predictions, the truth folder (for a dataset.json: the
+    # folders of its label files, not the json's whole parent), the image folder
+    truth_dirs = sorted({str(p.parent) for p in labels.values()}) if truth.is_file() else [truth]
+    out = _check_out(out, [pred, *truth_dirs, images])
     preds = _index(find_niftis(pred), "prediction", pred)
     if not preds:
         raise InputError(pred, "no NIfTI predictions (.nii / .nii.gz) found")
@@ -736,7 +738,7 @@ def compare_command(*runs, out=None, metric: str = "dsc", alpha: float = 0.05) -
     text = _compare_markdown(result)
     print(text)
     if out is not None:
-        out = _check_out(out, [Path(r) for r in runs])
+        out = _check_out(out, [Path(r) if Path(r).is_dir() else Path(r).parent for r in runs])
         out.mkdir(parents=True, exist_ok=True)
         _write_text(out / "compare.md", "# Comparison\n\n" + text)
         _write_text(out / "compare.json", json.dumps(_json_safe(result), indent=2) + "\n")
