@@ -289,3 +289,6 @@ def test_write_report_counts_undefined_rve_and_draws_given_overlays(tmp_path):
     json.loads((tmp_path / "rep" / "summary.json").read_text())  # strict JSON (no NaN)
     with pytest.raises(ValueError, match="at least one"):
         write_report([], tmp_path / "empty")
+    with pytest.raises(ValueError, match="'x' lacks hd95"):
+        write_report([{"case_id": "x", "dsc": 1.0}], tmp_path / "partial", metrics=("dsc", "hd95"))
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "partial").exists()

@@ -349,16 +349,20 @@ def write_report(
         the summary dict (also written to ``summary.json``).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if not records:
         raise ValueError("write_report needs at least one case record")
+    for r in records:
+        missing = [m for m in ("case_id", *metrics) if m not in r]
+        if missing:
+            raise ValueError(f"case record {r.get('case_id', '?')!r} lacks {', '.join(missing)}")
+    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, metrics)
     summary["info"] = dict(info or {})
     summary["files"] = {"metrics_csv": "metrics.csv", "summary_md": "summary.md", "figures": "figures" if figures else None}
     extra = [c for c in ("empty_case", "penalty_mm", "slices_both", "slices_pred", "slices_truth", "pred", "truth", "rater_a",
                          "rater_b") if any(c in r for r in records)]
     _write_text(out / "metrics.csv", _csv_text(records, ["case_id", *metrics, *extra]), inputs)
-    _write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n", inputs)
+    _write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False, default=str) + "\n", inputs)
     _write_text(out / "summary.md", _summary_markdown(summary, title), inputs)
     if figures:
         from .figures import box_plots, case_bar_plot, overlay_png
