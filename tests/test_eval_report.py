@@ -225,6 +225,9 @@ def test_compare_runs_wilcoxon(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| A | B | 8 |" in printed and " *" in printed
     assert (tmp_path / "cmp" / "compare.md").exists() and (tmp_path / "cmp" / "figures" / "box_dsc.png").exists()
+    _write_run(tmp_path / "D", a[:6])  # a run on fewer cases: tested on the shared ones, and said so
+    main(["compare", str(tmp_path / "A"), str(tmp_path / "D")])
+    assert "2 case(s) only in A, 0 only in D" in capsys.readouterr().out
     name, cases = read_metrics_csv(tmp_path / "A" / "metrics.csv")
     assert name == "A" and cases["c2"]["dsc"] == 0.9
 

@@ -663,6 +663,7 @@ def compare_runs(runs: Sequence, *, metric: str = "dsc", alpha: float = 0.05) ->
         ok = np.isfinite(x) & np.isfinite(y)
         stat, p = _wilcoxon(x[ok], y[ok])
         tests.append({"a": a, "b": b, "metric": metric, "n": int(ok.sum()), "statistic": stat, "p": p,
+                      "only_a": len(set(data[a]) - set(data[b])), "only_b": len(set(data[b]) - set(data[a])),
                       "significant": bool(math.isfinite(p) and p < alpha),
                       "mean_difference": float(np.mean(x[ok] - y[ok])) if ok.any() else float("nan")})
     return {"runs": names, "paths": [str(r) for r in runs], "metrics": table, "tests": tests, "alpha": alpha}
@@ -680,10 +681,16 @@ def _compare_markdown(result: Mapping) -> str:
         lines.append(f"| {m}{unit} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired Wilcoxon signed-rank tests on {result['tests'][0]['metric'] if result['tests'] else 'dsc'} "
               f"(* = p < {result['alpha']}):", "", "| A | B | n | mean(A-B) | p |", "|---|---|---|---|---|"]
+    notes = []
     for t in result["tests"]:
         star = " *" if t["significant"] else ""
         p = "n/a" if not math.isfinite(t["p"]) else f"{t['p']:.4g}"
         lines.append(f"| {t['a']} | {t['b']} | {t['n']} | {_fmt(t['mean_difference'])} | {p}{star} |")
+        if t.get("only_a") or t.get("only_b"):
+            notes.append(f"- {t['a']} vs {t['b']}: tested on the {t['n']} shared cases; {t['only_a']} case(s) only in "
+                         f"{t['a']}, {t['only_b']} only in {t['b']}")
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 
