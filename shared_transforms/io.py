@@ -104,8 +104,10 @@ def check_label_array(label: np.ndarray, source=None, *, allow_empty: bool = Tru
     arr = np.asarray(label)
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         raise InputError(source, "label contains NaN/inf values")
-    values = np.unique(arr)
-    extra = [v for v in values.tolist() if v not in (0, 1)]
+    flat = np.ravel(arr, order="K")  # no copy for Fortran-ordered NIfTI data
+    lo, hi = (flat.min(), flat.max()) if flat.size else (0, 0)
+    binary = lo >= 0 and hi <= 1 and (arr.dtype == bool or np.issubdtype(arr.dtype, np.integer) or np.all((flat == 0) | (flat == 1)))
+    extra = [] if binary else [v for v in np.unique(flat).tolist() if v not in (0, 1)]
     if extra:
         shown = ", ".join(f"{v:g}" for v in extra[:5]) + (" ..." if len(extra) > 5 else "")
         raise InputError(source, f"label must be binary (0/1) but contains {shown}")
