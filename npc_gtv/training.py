@@ -33,6 +33,9 @@ Resume semantics (see also ``docs/operating.md``):
 * Rerunning a training that already reached ``max_epochs`` does nothing (it is not restarted from
   epoch 0); raise ``max_epochs`` to train longer, or delete ``checkpoint_last.pt`` / set
   ``resume=False`` to start again.
+* The checkpoint records a fingerprint of the training data list (``train#dataset#data``). When the
+  data list has changed (a different data set, MONAI Label retraining after new labels) the handler
+  starts a new training instead of resuming a run made on other data, and says so in the log.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "is_rank0",
+    "data_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ CHECKPOINT_NAME = "checkpoint_last.pt"
 CHECKPOINT_FORMAT = "npc_gtv.resumable_checkpoint/1"
 # reserved top-level keys of checkpoint_last.pt; the save_dict entries sit beside them at top level so
 # that MONAI's own CheckpointLoader can also read e.g. the "model" entry from the file
-_RESERVED = ("_format", "_engine", "_rng", "_transform_rng")
+_RESERVED = ("_format", "_engine", "_rng", "_transform_rng", "_data")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -206,6 +210,28 @@ def _random_transforms(engine) -> list:
 
     visit(root, 0)
     return found
+
+
+def data_fingerprint(engine) -> str | None:
+    """SHA-256 of the training data list (``engine.data_loader.dataset.data``), or None when not available.
+
+    Lets a resume tell "the same training, rerun" from "a new training on other data" (e.g. MONAI Label
+    retraining with new labels, which overrides ``train#dataset#data``).
+    """
+    import hashlib
+    import json
+
+    loader = getattr(engine, "data_loader", None)
+    if loader is None:
+        loader = getattr(getattr(engine, "state", None), "dataloader", None)
+    data = getattr(getattr(loader, "dataset", None), "data", None)
+    if data is None or isinstance(data, (torch.Tensor, np.ndarray)):
+        return None
+    try:
+        text = json.dumps(data, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _state_dict_of(obj: Any, key: str) -> Any:
@@ -444,6 +470,14 @@ class ResumableCheckpoint:
         if checkpoint.get("_format") != CHECKPOINT_FORMAT:
             raise InputError(path, f"not a resumable checkpoint of this toolkit (format {checkpoint.get('_format')!r}); "
                                    "move it away or set resume=False")
+        saved_print = checkpoint.get("_data")
+        current_print = data_fingerprint(engine)
+        if saved_print and current_print and saved_print != current_print:
+            logger.warning(
+                "%s: the training data list differs from the one this checkpoint was trained on; starting a new "
+                "training instead of resuming (the file is replaced at the next save)", path,
+            )
+            return
         missing = [k for k in self.save_dict if k not in checkpoint]
         if missing:
             raise InputError(path, f"checkpoint has no entries {missing} (has {[k for k in checkpoint if k not in _RESERVED]}); "
@@ -536,6 +570,7 @@ class ResumableCheckpoint:
         }
         payload["_rng"] = capture_rng_state()
         payload["_transform_rng"] = [_numpy_state_to_dict(t.R.get_state()) for t in _random_transforms(engine)]
+        payload["_data"] = data_fingerprint(engine)
         return payload
 
     def save(self, engine) -> None:

@@ -45,7 +45,8 @@ def test_checkpoint_content_cpu_tensors_counters_rng(tmp_path):
     engine.run(data, max_epochs=2)
     ck = load_weights(tmp_path / CHECKPOINT_NAME)
     assert ck["_engine"] == {"epoch": 2, "iteration": 8, "epoch_length": 4, "max_epochs": 2}
-    assert set(ck) == {"model", "optimizer", "_format", "_engine", "_rng", "_transform_rng"}
+    assert set(ck) == {"model", "optimizer", "_format", "_engine", "_rng", "_transform_rng", "_data"}
+    assert ck["_data"] is None  # a plain list of tensors has no .dataset.data to fingerprint
     assert all(t.device.type == "cpu" for t in ck["model"].values())
     assert ck["optimizer"]["state"][0]["momentum_buffer"].shape == (2, 1, 3, 3, 3)
     assert ck["_rng"]["numpy"]["keys"].shape == (624,) and ck["_rng"]["python"]["state"].shape == (625,)
@@ -236,3 +237,33 @@ def test_safe_checkpoint_loader(tmp_path):
         SafeCheckpointLoader(tmp_path / "model.pt", {"model": torch.nn.Linear(4, 2)}).load()
     with pytest.raises(InputError, match="does not exist"):
         SafeCheckpointLoader(tmp_path / "missing.pt", {"model": target}).load()
+
+
+def test_changed_training_data_starts_a_new_training(tmp_path):
+    """Same data: resume. Other data (e.g. MONAI Label retraining with new labels): start fresh, not resume."""
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedTrainer
+
+    def trainer(data):
+        torch.manual_seed(0)
+        net = torch.nn.Conv3d(1, 1, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        loader = DataLoader(Dataset(data, transform=lambda d: {"image": torch.ones(1, 2, 2, 2) * d["v"],
+                                                                "label": torch.zeros(1, 2, 2, 2)}), batch_size=1)
+        tr = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=loader, network=net,
+                               optimizer=opt, loss_function=torch.nn.MSELoss())
+        handler = ResumableCheckpoint(tmp_path, {"model": net, "optimizer": opt})
+        handler.attach(tr)
+        return tr, handler
+
+    data = [{"v": 1.0, "image": "a.nii"}, {"v": 2.0, "image": "b.nii"}]
+    tr, _ = trainer(data)
+    tr.run()
+    saved = load_weights(tmp_path / CHECKPOINT_NAME)
+    assert saved["_engine"]["iteration"] == 4 and len(saved["_data"]) == 64
+    tr, handler = trainer(data)  # same data, finished: nothing to do
+    assert handler.resumed_from == {"epoch": 2, "iteration": 4}
+    tr, handler = trainer(data + [{"v": 3.0, "image": "c.nii"}])  # new labels: a new training
+    assert handler.resumed_from is None and tr.state.iteration == 0
+    tr.run()
+    assert load_weights(tmp_path / CHECKPOINT_NAME)["_engine"]["iteration"] == 6
