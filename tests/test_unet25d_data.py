@@ -203,3 +203,17 @@ def test_postprocessing_as_configured_on_hand_made_mask():
     assert sums == [430, 414, 405] and out[15:20, 10, 3].sum() == 5
     out, sums = _run_post(_parse_inference(opening=False, slice_largest_component=False, largest_component=False), affine)
     np.testing.assert_array_equal(out, _hand_made_mask()[0])
+
+
+def test_evaluate_config_keeps_inference_components_in_sync():
+    """evaluate.yaml is self-contained (model-zoo: usable after train.yaml); its inference part must
+    stay identical to inference.yaml."""
+    import yaml
+
+    cfg = BUNDLES_DIR / "unet25d_ssl" / "configs"
+    inf = yaml.safe_load((cfg / "inference.yaml").read_text())
+    ev = yaml.safe_load((cfg / "evaluate.yaml").read_text())
+    differing = {k for k in inf if inf[k] != ev.get(k)}
+    assert differing == {"datalist", "imports", "initialize", "finalize"}
+    assert set(inf["imports"]) < set(ev["imports"])
+    assert "evaluate_folders" in ev["finalize"][0]
