@@ -59,7 +59,7 @@ def _train(net, slices, flags, ratio, loss_fn, steps, batch, lr, seed, classify:
     ds = Dataset(slices, transform=augmentation(resize, prob=0.2))
     sampler = BalanceSampler(flags, ratio=ratio, seed=seed, num_replicas=1, rank=0)
     loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0, drop_last=False)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4, foreach=True)
     epoch_steps = max(1, len(loader))
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, steps // (3 * epoch_steps)) * epoch_steps)
     net.train()

@@ -118,7 +118,11 @@ class CascadeInferer(Inferer):
             return net
         cached = self._frozen.get(id(net))
         if cached is None or cached[0] is not net or (level is not None and level > cached[2]):
-            level = 0 if level is None else level
+            if level is None:
+                # oneDNN tensors cannot be adaptively pooled to sizes that do not divide the input
+                # (SANet's PPM bins 3 and 6): such networks start without the oneDNN conversion
+                pools = [m.output_size for m in net.modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)]
+                level = 1 if any(p not in (1, (1, 1)) for p in pools) else 0
             while True:
                 try:
                     run = self._compile(net, level)
