@@ -11,7 +11,7 @@ import torch
 
 from shared_transforms.io import InputError, atomic_write
 
-__all__ = ["split_datalist", "prepare_dataset", "publish_weights", "image_list"]
+__all__ = ["split_datalist", "prepare_dataset", "publish_weights", "image_list", "init_network"]
 
 
 def split_datalist(datalist: Sequence[dict], val_fraction: float = 0.2, seed: int = 0, part: str = "train") -> list[dict]:
@@ -93,3 +93,18 @@ def image_list(folder, pattern: str = "*.nii.gz") -> list[dict]:
     if not files:
         raise InputError(folder, f"no input image matching {pattern!r}")
     return [{"image": str(f)} for f in files]
+
+
+def init_network(network, weights=None, strict: bool = True):
+    """Return ``network`` after loading ``weights`` (a ``state_dict`` file, e.g. stage 1's ``model.pt``) if given.
+
+    Used for ``network`` in the training configs so that stage 2 starts from stage 1. A resumed run
+    (``checkpoint_last.pt`` in the stage folder) then replaces these weights when the checkpoint
+    handler is attached.
+    """
+    if weights is None or str(weights) in ("", "None", "none", "null"):
+        return network
+    from npc_gtv.training import load_weights
+
+    network.load_state_dict(load_weights(weights), strict=strict)
+    return network
