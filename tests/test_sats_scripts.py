@@ -234,3 +234,49 @@ def test_train_preprocessing_symmetric_alignment(tmp_path):
     d = out[True]
     frac = float(d["asym_mask"].sum() / max(float(d["label"].sum()), 1.0))
     assert abs(frac - ph.info["asymmetric_fraction"]) < 0.15, (frac, ph.info["asymmetric_fraction"])
+
+
+def test_mirror_tta_inferer_flips_along_affine_lr_axis():
+    from monai.inferers import SimpleInferer
+
+    inf_mod = bundle_scripts("sats_npc", "inference")
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 1, 3, padding=1)
+    x = MetaTensor(torch.randn(1, 1, 6, 5, 4), affine=torch.as_tensor(PERMUTED))  # LR = array axis 2 -> dim 4
+    with torch.no_grad():
+        out = inf_mod.MirrorTTAInferer(SimpleInferer(), mirror_tta=True)(x, net)
+        ref = 0.5 * (torch.sigmoid(net(x.as_tensor())) + torch.flip(torch.sigmoid(net(torch.flip(x.as_tensor(), dims=(4,)))), dims=(4,)))
+        wrong = 0.5 * (torch.sigmoid(net(x.as_tensor())) + torch.flip(torch.sigmoid(net(torch.flip(x.as_tensor(), dims=(2,)))), dims=(2,)))
+        plain = inf_mod.MirrorTTAInferer(SimpleInferer(), mirror_tta=False)(x, net)
+    torch.testing.assert_close(torch.as_tensor(out), ref)
+    assert not torch.allclose(torch.as_tensor(out), wrong)
+    torch.testing.assert_close(torch.as_tensor(plain), torch.sigmoid(net(x.as_tensor())).detach())
+    with pytest.raises(ValueError):
+        inf_mod.MirrorTTAInferer(SimpleInferer(), mirror_tta=True, output="logits")
+
+
+def test_split_datalist_reproducible_and_disjoint():
+    data_mod = bundle_scripts("sats_npc", "data")
+    items = [{"case_id": f"c{i:02d}", "image": f"i{i}", "label": f"l{i}"} for i in range(10)]
+    train = data_mod.split_datalist(items, 0.2, seed=0, part="train")
+    val = data_mod.split_datalist(list(reversed(items)), 0.2, seed=0, part="val")  # order of dataset.json does not matter
+    assert len(train) == 8 and len(val) == 2
+    assert {d["case_id"] for d in train}.isdisjoint({d["case_id"] for d in val})
+    assert data_mod.split_datalist(items, 0.2, seed=0, part="val") == val
+    assert data_mod.split_datalist(items, 0.2, seed=1, part="val") != val
+    assert len(data_mod.split_datalist(items[:2], 0.2, part="val")) == 1  # at least one of each
+    with pytest.raises(ValueError):
+        data_mod.split_datalist(items, 1.0)
+
+
+def test_publish_weights_atomic_copy_and_missing_source(tmp_path):
+    from shared_transforms.io import InputError
+
+    data_mod = bundle_scripts("sats_npc", "data")
+    src = tmp_path / "stage" / "model.pt"
+    src.parent.mkdir()
+    torch.save({"w": torch.ones(2)}, src)
+    dst = data_mod.publish_weights(src, tmp_path / "model.pt")
+    assert torch.equal(torch.load(dst, weights_only=True)["w"], torch.ones(2))
+    with pytest.raises(InputError, match="final weights not found"):
+        data_mod.publish_weights(tmp_path / "nope.pt", tmp_path / "x.pt")
