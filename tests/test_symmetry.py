@@ -275,7 +275,7 @@ def test_failed_registration_is_flagged_and_never_silent():
     assert json.loads(out.meta["symmetry_report"])["ok"] is False
     with pytest.warns(UserWarning, match="identity"):
         out = SymmetricAlign(max_angle_deg=2.0, on_failure="identity")(img)
-    np.testing.assert_allclose(out[0].numpy(), ph.image.astype(np.float32))
+    np.testing.assert_allclose(out[0].numpy(), ph.image.astype(np.float32), atol=1e-6)  # unmoved
 
 
 def test_iteration_limit_is_reported():
