@@ -147,9 +147,15 @@ def test_ddp_two_cpu_processes(cycle):
     assert sum(v.numel() for k, v in state.items() if k.endswith(("weight", "bias"))) == 895_122
 
 
-def test_torchscript_export_of_trained_ensemble(cycle):
+def test_verify_net_in_out_and_torchscript_export_of_trained_ensemble(cycle):
     work = cycle["work"]
     cfg = BUNDLE_DIR / "configs"
+    verify = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", str(cfg / "metadata.json"),
+              "--config_file", str(cfg / "inference.yaml"), "--bundle_root", str(BUNDLE_DIR), "--ckpt_dir", str(work / "models"),
+              "--n", "2"]
+    proc = subprocess.run(verify, capture_output=True, text=True, timeout=600, cwd=str(BUNDLE_DIR), env=dict(os.environ, **QUICK_ENV))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
     ts = work / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
            "--ckpt_file", str(work / "models" / "model.pt"), "--meta_file", str(cfg / "metadata.json"),

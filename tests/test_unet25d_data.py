@@ -217,3 +217,18 @@ def test_evaluate_config_keeps_inference_components_in_sync():
     assert differing == {"datalist", "imports", "initialize", "finalize"}
     assert set(inf["imports"]) < set(ev["imports"])
     assert "evaluate_folders" in ev["finalize"][0]
+
+
+def test_metadata_against_offline_zoo_schema():
+    """``monai.bundle verify_metadata`` needs the schema from the network; validate against the
+    repository's offline copy of its required fields instead."""
+    import jsonschema
+
+    from conftest import REPO_ROOT
+
+    schema = json.loads((REPO_ROOT / "ci" / "meta_schema_20240725_required.json").read_text())
+    meta = json.loads((BUNDLES_DIR / "unet25d_ssl" / "configs" / "metadata.json").read_text())
+    jsonschema.Draft201909Validator(schema).validate(meta)
+    assert meta["version"] in meta["changelog"]
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "GTVp"}
