@@ -219,7 +219,8 @@ class BestModelKeeper:
         if self._improved(value):
             self.best, self.best_epoch, self.bad_rounds = value, epoch, 0
             self.save()
-            logger.info("new best %s = %.4f at epoch %d, saved %s", self.metric_name, value, epoch, self.save_path)
+            if is_rank0():
+                logger.info("new best %s = %.4f at epoch %d, saved %s", self.metric_name, value, epoch, self.save_path)
         else:
             self.bad_rounds += 1
             if self.patience and self.bad_rounds >= self.patience:
