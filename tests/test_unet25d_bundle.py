@@ -169,3 +169,19 @@ def test_verify_net_in_out_and_torchscript_export_of_trained_ensemble(cycle):
     x = torch.rand(1, 1, 32, 32, 8)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=0)
+
+
+def test_inference_from_repository_root_with_bundle_root(cycle, tmp_path):
+    """The second invocation style: from another folder, with --bundle_root (scripts found through it)."""
+    from conftest import REPO_ROOT
+
+    work, data = cycle["work"], cycle["data"]
+    ds = json.loads((data / "dataset.json").read_text())
+    image = str(data / ds["test"][0]["image"])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['bundles/unet25d_ssl/configs/inference.yaml','bundles/unet25d_ssl/configs/quick.yaml']",
+           "--bundle_root", "bundles/unet25d_ssl", "--ckpt_dir", str(work / "models"), "--output_dir", str(tmp_path),
+           "--datalist", repr([{"image": image}]), "--opening", "False"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO_ROOT), env=dict(os.environ, **QUICK_ENV))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = nib.load(str(tmp_path / "predictions" / f"{ds['test'][0]['case_id']}_seg.nii.gz"))
+    assert out.shape == nib.load(image).shape

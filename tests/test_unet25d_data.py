@@ -85,6 +85,11 @@ def test_ensemble_output_threshold_and_spread(tr):
     assert out["pred"][0, :, :, 0].tolist() == [[0, 1], [0, 1]]
     assert torch.allclose(out["uncertainty"], torch.full((1, 2, 2, 1), 0.1))
     assert "uncertainty" not in tr.EnsembleOutputd(keys="pred")({"pred": prob[:2]})
+    # background dropped before the inversion (inference.yaml): foreground first, spread second
+    out0 = tr.EnsembleOutputd(keys="pred", foreground_channel=0)({"pred": prob[1:]})
+    assert torch.equal(out0["pred"], out["pred"]) and torch.allclose(out0["uncertainty"], out["uncertainty"])
+    with pytest.raises(ValueError):
+        tr.EnsembleOutput(foreground_channel=0)(prob)
     with pytest.raises(ValueError):
         tr.EnsembleOutput(threshold=1.0)
 
@@ -175,7 +180,7 @@ def _run_post(parser, affine):
 
     d = {"pred": MetaTensor(torch.as_tensor(_hand_made_mask()), affine=torch.as_tensor(affine))}
     sums = []
-    for i in (2, 3, 4):  # opening, per-slice largest 2D component, largest 3D component
+    for i in (3, 4, 5):  # opening, per-slice largest 2D component, largest 3D component
         d = parser.get_parsed_content(f"postprocessing#transforms#{i}")(d)
         sums.append(int(np.asarray(d["pred"]).sum()))
     return np.asarray(d["pred"])[0], sums

@@ -198,31 +198,46 @@ class EnsembleOutput(Transform):
 
     Args:
         threshold: foreground when the mean foreground probability ``>= threshold``.
+        foreground_channel: channel of the mean foreground probability; the channel after it, when
+            present, is the members' spread (1 for the network's ``(2 or 3, X, Y, Z)`` output, 0 when
+            the background channel was dropped before inverting, as ``inference.yaml`` does).
 
-    ``__call__(prob)`` with ``prob`` ``(2, X, Y, Z)`` (mean background / foreground probability) or
-    ``(3, X, Y, Z)`` (plus the members' standard deviation) returns ``(mask (1, X, Y, Z) uint8,
-    spread (1, X, Y, Z) float32 or None)``; MetaTensor meta data is kept.
+    ``__call__(prob)`` with ``prob`` ``(C, X, Y, Z)`` returns ``(mask (1, X, Y, Z) uint8,
+    spread (1, X, Y, Z) or None)``; MetaTensor meta data is kept.
     """
 
-    def __init__(self, threshold: float = 0.5):
+    def __init__(self, threshold: float = 0.5, foreground_channel: int = 1):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if foreground_channel < 0:
+            raise ValueError(f"foreground_channel must be >= 0, got {foreground_channel}")
         self.threshold = float(threshold)
+        self.fg = int(foreground_channel)
 
     def __call__(self, prob):
-        if prob.ndim != 4 or prob.shape[0] not in (2, 3):
-            raise ValueError(f"expected a (2 or 3, X, Y, Z) probability map, got shape {tuple(prob.shape)}")
-        mask = (prob[1:2] >= self.threshold).to(torch.uint8) if isinstance(prob, torch.Tensor) else (prob[1:2] >= self.threshold).astype(np.uint8)
-        spread = prob[2:3] if prob.shape[0] == 3 else None
+        if prob.ndim != 4 or prob.shape[0] not in (self.fg + 1, self.fg + 2):
+            raise ValueError(
+                f"expected a ({self.fg + 1} or {self.fg + 2}, X, Y, Z) probability map, got shape {tuple(prob.shape)}"
+            )
+        fg = prob[self.fg : self.fg + 1]
+        mask = (fg >= self.threshold).to(torch.uint8) if isinstance(prob, torch.Tensor) else (fg >= self.threshold).astype(np.uint8)
+        spread = prob[self.fg + 1 : self.fg + 2] if prob.shape[0] == self.fg + 2 else None
         return mask, spread
 
 
 class EnsembleOutputd(MapTransform):
     """Dictionary wrapper of :class:`EnsembleOutput`: ``pred`` becomes the mask, the spread goes to ``uncertainty_key``."""
 
-    def __init__(self, keys: KeysCollection = "pred", threshold: float = 0.5, uncertainty_key: str = "uncertainty", allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        threshold: float = 0.5,
+        uncertainty_key: str = "uncertainty",
+        foreground_channel: int = 1,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.converter = EnsembleOutput(threshold)
+        self.converter = EnsembleOutput(threshold, foreground_channel)
         self.uncertainty_key = uncertainty_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
