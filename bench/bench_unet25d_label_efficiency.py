@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             ckpt = work / name
             frozen = mode == "frozen_pretrained"
             t = time.time()
-            _run("training", ["train.yaml", *quick], ckpt_dir=str(ckpt), output_dir=str(work / f"{name}_tb"),
+            _run("train_one", ["train.yaml", *quick], ckpt_dir=str(ckpt), output_dir=str(work / f"{name}_tb"),
                  scale="medium", label_fraction=fraction, epochs=args.epochs, val_interval=args.epochs,
                  freeze_encoder=frozen, pretrained_encoder=encoder if frozen else "", **common)
             sys.path.insert(0, str(BUNDLE))

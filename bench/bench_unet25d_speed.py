@@ -31,7 +31,6 @@ BUNDLE = REPO / "bundles" / "unet25d_ssl"
 def _run_config(ckpt_dir: Path, out_dir: Path, image: str, fuse: bool) -> tuple[float, float]:
     """Run inference.yaml on one image; returns (end-to-end seconds, network seconds)."""
     import torch
-    from ignite.engine import Events
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()

@@ -108,7 +108,7 @@ def test_config_workflow_properties_fold_training_and_inference(cycle):
         cfg = {str(BUNDLE_DIR / 'configs')!r}
         common = dict(meta_file=cfg + '/metadata.json', logging_file=cfg + '/logging.conf', bundle_root={str(BUNDLE_DIR)!r},
                       dataset_dir={str(data)!r}, output_dir={str(work / 'wf_eval')!r})
-        wf = ConfigWorkflow(config_file=[cfg + '/train.yaml', cfg + '/quick.yaml'], workflow_type='train', run_id='training',
+        wf = ConfigWorkflow(config_file=[cfg + '/train.yaml', cfg + '/quick.yaml'], workflow_type='train', run_id='train_one',
                             ckpt_dir={str(work / 'wf_models')!r}, fold=1, num_folds=3, scale='small',
                             pretrained_encoder={str(work / 'models' / 'pretrain' / 'encoder.pt')!r}, **common)
         wf.initialize()
@@ -136,7 +136,7 @@ def test_ddp_two_cpu_processes(cycle):
     work, data = cycle["work"], cycle["data"]
     cfg = BUNDLE_DIR / "configs"
     files = [str(cfg / f) for f in ("train.yaml", "quick.yaml", "multi_gpu_train.yaml")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631", "-m", "monai.bundle", "run", "training",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631", "-m", "monai.bundle", "run", "train_one",
            "--config_file", repr(files), "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
            "--dataset_dir", str(data), "--ckpt_dir", str(work / "ddp"), "--output_dir", str(work / "ddp_eval"), "--scale", "medium",
            "--pretrained_encoder", str(work / "models" / "pretrain" / "encoder.pt")]

@@ -181,7 +181,7 @@ def running_config() -> dict:
     raise RuntimeError("train_all_scales must be called from a running bundle config (python -m monai.bundle run ...)")
 
 
-def train_all_scales(scales: Sequence = SCALES, model_dir=None, shared_encoder: bool = True, encoder_path=None, train_id: str = "training", config: dict | None = None) -> Path:
+def train_all_scales(scales: Sequence = SCALES, model_dir=None, shared_encoder: bool = True, encoder_path=None, train_id: str = "train_one", config: dict | None = None) -> Path:
     """Train the scale models one after the other (in this process), then assemble the ensemble.
 
     Called from ``train.yaml`` (``run`` / ``train_all``). For each scale a fresh parser of the
