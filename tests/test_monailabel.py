@@ -9,7 +9,8 @@ Two layers (see docs/operating.md, "MONAI Label"):
   ``train#dataset#data``, ``validate#dataset#data``, ``device`` and ``train#handlers`` (+ MONAI's
   ``CheckpointLoader`` of ``models/model.pt`` when it exists); inference = ``network_def`` instantiated
   and loaded from ``models/model.pt`` (``strict=False``), ``preprocessing`` with ``LoadImaged(image_only=False)``,
-  ``inferer(image[None], network)``, ``postprocessing`` without ``SaveImaged``, given only ``{"image": path}``.
+  ``inferer(image[None], network)``, ``postprocessing`` without ``SaveImaged``, given only the image (the data
+  dict holds what ``BasicInferTask.__call__`` puts there: the request, ``image`` and ``image_path``).
   The result must equal the bundle's own pipeline (the same pieces plus the config's ``handlers``), so
   nothing a bundle needs may hide in ``handlers`` (which MONAI Label never runs).
 * ``test_monailabel_real_classes`` (only where ``monailabel`` imports): the same with MONAI Label's own
@@ -124,7 +125,8 @@ CONTRACT_INFER = COMMON + textwrap.dedent(
             result = network.load_state_dict(sd, strict=False)
             assert not result.missing_keys and not result.unexpected_keys, result
         network.eval()
-        data = {"image": image}
+        # BasicInferTask.__call__: the request (with its config options) plus "image_path"
+        data = {"image": image, "image_path": image, "device": "cpu", "model_filename": ["model.pt"]}
         for t in pre:
             data = t(data)
         x = data[key_image]
