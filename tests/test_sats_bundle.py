@@ -148,10 +148,18 @@ def test_export_and_verify(trained):
         torch.testing.assert_close(scripted(x), net(x), atol=1e-4, rtol=1e-4)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_ddp_two_processes(small_ct_dataset, tmp_path):
     cfg = BDIR / "configs"
     files = repr([str(cfg / "train.yaml"), str(cfg / "quick.yaml"), str(cfg / "multi_gpu_train.yaml")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29547", "-m", "monai.bundle", "run", "training",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "monai.bundle", "run", "training",
            "--config_file", files, "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf")]
     for k, v in _overrides(small_ct_dataset, tmp_path).items():
         cmd += [f"--{k}", str(v)]
