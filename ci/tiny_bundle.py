@@ -105,6 +105,8 @@ train:
       log_dir: "@output_dir"
       tag_name: train_loss
       output_transform: "$monai.handlers.from_engine(['loss'], first=True)"
+    - _target_: ignite.handlers.ProgressBar
+      persist: true
     - _target_: npc_gtv.training.ResumableCheckpoint
       save_dir: "@ckpt_dir"
       save_dict:
