@@ -64,9 +64,7 @@ def calibrated_threshold(parser, image: str, label: str) -> tuple[float, int]:
     from scripts.data import slice_has_gtv, volume_transforms
 
     parser.get_parsed_content("initialize")
-    classifier = parser.get_parsed_content("classifier")
-    for handler in parser.get_parsed_content("handlers")[1:2]:
-        handler.load()  # the classifier checkpoint
+    classifier = parser.get_parsed_content("classifier")  # loaded from ckpt_dir/classifier.pt when parsed
     t = volume_transforms(keys=["image", "label"], resize=parser.get_parsed_content("resize"))
     d = t({"image": image, "label": label})
     n_gtv = int(slice_has_gtv(d["label"]).sum())

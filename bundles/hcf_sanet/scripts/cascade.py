@@ -34,7 +34,7 @@ from monai.inferers import Inferer
 
 from .engine import confusion_scores
 
-__all__ = ["CascadeInferer", "SliceDecisionRecorder"]
+__all__ = ["CascadeInferer", "SliceDecisionRecorder", "load_classifier"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,35 @@ class CascadeInferer(Inferer):
             out_meta.copy_meta_from(inputs)
             return out_meta
         return vol
+
+
+def load_classifier(network: torch.nn.Module, path, device="cpu", enabled: bool = True):
+    """Load the slice classifier's weights (``weights_only``) when the config is parsed.
+
+    Loading at instantiation (not in an evaluator handler) means every user of ``inferer`` gets the
+    trained gate, including MONAI Label, which never runs the bundle's ``handlers``.
+
+    Args:
+        network: the classifier module (``classifier_def``).
+        path: weights file (``ckpt_dir/classifier.pt``, a CPU ``state_dict``).
+        device: device to move the classifier to.
+        enabled: False returns ``None`` without reading anything (SANet alone).
+
+    Raises:
+        InputError: missing or unsafe file, or weights that do not fit the network (names the file).
+    """
+    if not enabled:
+        return None
+    from npc_gtv.training import load_weights
+    from shared_transforms.io import InputError
+
+    state = load_weights(path, map_location="cpu")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not fit the slice classifier: {str(exc).strip()[:300]}") from exc
+    return network.to(device).eval()
 
 
 def _json_safe(obj):

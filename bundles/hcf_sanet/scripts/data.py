@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.data import Dataset
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -46,7 +47,7 @@ from shared_transforms.intensity import HUWindowd
 from shared_transforms.io import InputError
 from shared_transforms.spatial import BodyCropd
 
-__all__ = ["volume_transforms", "volumes_to_slices", "augmentation", "split_fold", "slice_has_gtv"]
+__all__ = ["volume_transforms", "volumes_to_slices", "SliceDataset", "augmentation", "split_fold", "slice_has_gtv"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,32 @@ def volumes_to_slices(datalist: Sequence[dict], transform, keep_empty_cases: boo
     n_pos = sum(s["has_gtv"] for s in slices)
     logger.info("%d slices from %d cases: %d with GTV, %d without", len(slices), len(datalist), n_pos, len(slices) - n_pos)
     return slices
+
+
+class SliceDataset(Dataset):
+    """2D slice data set built from a list of 3D cases (MONAI ``Dataset`` over the cut slices).
+
+    ``data`` is the usual Decathlon list of 3D cases (``{"image", "label", "case_id"}``), so a bundle
+    config (or MONAI Label, which overrides ``train#dataset#data``) passes volumes; the cases are
+    pre-processed once with ``volume_transform`` and cut into axial slices by
+    :func:`volumes_to_slices`; ``transform`` (the 2D augmentation) runs on each slice when it is read.
+
+    Args:
+        data: list of 3D cases.
+        volume_transform: 3D pipeline (:func:`volume_transforms` with keys image and label).
+        transform: 2D transform of each slice item.
+        image_dtype: storage dtype of the slice images.
+
+    Attributes:
+        volumes: the 3D case list.
+        flags: per-slice 0/1 "contains GTV" (for :class:`scripts.sampler.BalanceSampler`).
+    """
+
+    def __init__(self, data: Sequence[dict], volume_transform, transform=None, image_dtype=torch.float16):
+        self.volumes = list(data)
+        slices = volumes_to_slices(self.volumes, volume_transform, image_dtype=image_dtype)
+        super().__init__(slices, transform)
+        self.flags = [s["has_gtv"] for s in slices]
 
 
 def augmentation(
