@@ -12,7 +12,7 @@ Part 2, speed: one full-size CT phantom (512 x 512 x ~130, ~1 x 1 x 3 mm) writte
 and symmetrised atlas-free end to end (load, register, resample at full resolution), beside a
 plain registration of the same kind at full resolution (one level, no down-sampling, every
 body voxel), in the same process. ITK is imported before the clocks start (its first import
-costs 10-20 s per process and is printed separately). Wall and CPU (process) times are printed;
+and first registration cost 10-20 s per process; they are paid on a small phantom first and printed separately). Wall and CPU (process) times are printed;
 on a shared machine the wall time depends on the load, which is printed too.
 
 Usage::
@@ -115,34 +115,37 @@ def summarise(rows):
 
 
 def _full_size_phantom(seed_start: int, slices: int = 130):
-    """A full-size CT phantom with ``slices`` slices and in-plane spacing near 1 mm (searches seeds)."""
+    """A full-size CT phantom with ``slices`` slices and in-plane spacing closest to 1 mm among 3000 seeds.
+
+    The generator draws the slice count and then the in-plane spacing first from its seeded
+    generator; the chosen phantom's grid is checked after generation.
+    """
     from npc_gtv.phantoms import make_phantom
 
-    best = None
-    for seed in range(seed_start, seed_start + 400):
-        rng = np.random.default_rng(seed)  # the generator draws the slice count, then the spacing, first
+    best, best_gap = seed_start, float("inf")
+    for seed in range(seed_start, seed_start + 3000):
+        rng = np.random.default_rng(seed)
         n = int(rng.integers(100, 151))
         sxy = float(rng.uniform(0.8, 1.1))
-        if n == slices and abs(sxy - 1.0) < 0.03:
-            best = seed
-            break
-    ph = make_phantom(seed_start if best is None else best, size="full", tumour=True)
-    return ph
+        if n == slices and abs(sxy - 1.0) < best_gap:
+            best, best_gap = seed, abs(sxy - 1.0)
+    return make_phantom(best, size="full", tumour=True)
 
 
-def timing(seed: int, plain: bool, plain_iterations: int):
-    import itk
-
+def timing(seed: int, plain: bool, plain_iterations: int, repeats: int = 3):
     from shared_transforms.io import load_nifti, save_nifti
     from shared_transforms.symmetry import apply_symmetry, estimate_symmetry, plane_angle_error_deg, plane_distance_mm
 
+    from npc_gtv.phantoms import make_phantom
+
+    # ITK loads its modules lazily: the first registration of a process costs 10-20 s more (import
+    # and wrapper initialisation). Pay it on a small phantom before the clocks start.
     t0 = _clock()
-    F = itk.Image[itk.F, 3]
-    for name in ("ImageRegistrationMethodv4", "ResampleImageFilter"):
-        getattr(itk, name)[F, F]
-    itk.VersorRigid3DTransform[itk.D]
-    itk.CorrelationImageToImageMetricv4[F, F]
-    print(f"\nITK import (one-off per process, not in the timings): wall {_since(t0)[0]:.1f} s")
+    warm = make_phantom(1, size="small")
+    res = estimate_symmetry(warm.image, warm.affine)
+    apply_symmetry(warm.image, res.transform, warm.affine, res.output_shape, res.output_affine, "bilinear")
+    print(f"\nITK import and first-use initialisation (one-off per process, not in the timings): "
+          f"wall {_since(t0)[0]:.1f} s")
 
     ph = _full_size_phantom(seed)
     print(f"full-size phantom: shape {ph.image.shape}, spacing {tuple(round(s, 3) for s in ph.spacing)} mm, "
@@ -181,8 +184,12 @@ def timing(seed: int, plain: bool, plain_iterations: int):
             save_t = _since(t)
             return res, times, save_t
 
-        res, times, save_t = _run()
+        runs = [_run() for _ in range(max(1, repeats))]  # the fastest of `repeats` runs (shared machine)
+        res, times, save_t = min(runs, key=lambda r: sum(w for w, _ in r[1].values()))
+        walls = sorted(sum(w for w, _ in r[1].values()) for r in runs)
         fast = _report("atlas-free (4 mm working copy)", res, times)
+        if len(runs) > 1:
+            print(f"{'':<34} (fastest of {len(runs)} runs; all: {', '.join(f'{w:.2f}' for w in walls)} s wall)")
         print(f"{'':<34} (writing the output .nii.gz, not counted: wall {save_t[0]:.2f} s)")
         if plain:
             res_p, times_p, _ = _run(working_spacing_mm=0.0, shrink_factors=(1,), smoothing_sigmas_mm=(0.0,),
@@ -203,6 +210,7 @@ def main(argv=None):
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain full-resolution registration")
     ap.add_argument("--plain-iterations", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of the atlas-free case (the fastest is reported)")
     ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -214,7 +222,7 @@ def main(argv=None):
         ok, summary = summarise(rows)
         result.update({"cases": rows, "summary": summary})
     if not args.skip_timing:
-        result["timing"] = timing(args.seed + 5000, not args.no_plain, args.plain_iterations)
+        result["timing"] = timing(args.seed + 5000, not args.no_plain, args.plain_iterations, args.repeats)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1, default=float)

@@ -220,17 +220,29 @@ def plane_distance_mm(normal_est, point_est, normal_true, point_true, at=None) -
 
 
 def _block_mean(array: np.ndarray, affine: np.ndarray, factors: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Down-sample by integer block averaging; returns the array and its exact affine."""
+    """Down-sample by integer block averaging; returns the float32 array and its exact affine.
+
+    Sums strided views axis by axis (no full-size float copy, any memory order); a remainder of
+    fewer than ``factor`` voxels at the far end of an axis is dropped.
+    """
     f = [max(1, int(v)) for v in factors]
     shape = [s // k for s, k in zip(array.shape, f)]
     if min(shape) < 1:
-        f = [1, 1, 1]
-        shape = list(array.shape)
-    a = np.asarray(array[: shape[0] * f[0], : shape[1] * f[1], : shape[2] * f[2]], dtype=np.float32)
-    a = a.reshape(shape[0], f[0], shape[1], f[1], shape[2], f[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+        f, shape = [1, 1, 1], list(array.shape)
+    out = np.asarray(array)
+    for axis in range(3):
+        if f[axis] == 1:
+            continue
+        n = shape[axis]
+        parts = [np.take(out, np.arange(o, n * f[axis], f[axis]), axis=axis) for o in range(f[axis])]
+        acc = parts[0].astype(np.float32)
+        for part in parts[1:]:
+            acc += part
+        out = acc / np.float32(f[axis])
+    out = np.ascontiguousarray(out, dtype=np.float32)
     scale = np.diag([f[0], f[1], f[2], 1.0]).astype(np.float64)
     scale[:3, 3] = (np.asarray(f, float) - 1.0) / 2.0
-    return np.ascontiguousarray(a), affine @ scale
+    return out, affine @ scale
 
 
 def _spacing(affine) -> np.ndarray:
@@ -419,7 +431,7 @@ def _resample_linear_world(array, in_affine, tmap, out_shape, out_affine, cval: 
     res.SetOutputOrigin([float(v) for v in out_lps[:3, 3]])
     res.SetOutputDirection(itk.matrix_from_array(np.ascontiguousarray(out_lps[:3, :3] / sp)))
     res.Update()
-    return np.ascontiguousarray(itk.array_from_image(res.GetOutput()).T)
+    return itk.array_from_image(res.GetOutput()).T  # (X, Y, Z) view of ITK's (Z, Y, X) buffer, no copy
 
 
 def _transform_to_matrix(transform) -> np.ndarray:
@@ -719,7 +731,7 @@ def estimate_symmetry(
         smoothing_sigmas_mm: Gaussian smoothing per level (mm).
         iterations: maximum optimiser iterations per level.
         sampling: fraction of the masked voxels used by the metric (1: all; <1: random sampling with a
-            fixed seed). Default: all up to 60 000 body voxels, then a fraction (at least 25 %) giving about that many.
+            fixed seed). Default: all up to 40 000 body voxels, then a fraction (at least 20 %) giving about that many.
         learning_rate: initial step of the regular-step gradient descent (about mm), halved per level.
         body_threshold: body mask threshold (default: -250 HU for CT, Otsu otherwise).
         min_body_ml: less body than this in view is an error ("not enough head in view").
@@ -768,7 +780,7 @@ def estimate_symmetry(
     residual = float("nan")
     ws = tuple(float(v) for v in _spacing(w_aff))
     if sampling is None:
-        sampling = float(min(1.0, max(0.25, 60000.0 / max(1, int(mask.sum())))))
+        sampling = float(min(1.0, max(0.2, 40000.0 / max(1, int(mask.sum())))))
     reg_kw = dict(shrink=shrink_factors, sigmas_mm=smoothing_sigmas_mm, iterations=iterations, sampling=sampling,
                   learning_rate=learning_rate)
 
@@ -862,7 +874,7 @@ def estimate_symmetry(
     before = asymmetry_score(w_arr, w_aff, mask, clip)
     idx_map = _index_map(after_aff, w_aff, tmap)
     bg = float(w_arr.min())
-    moved = _resample_linear(w_arr, idx_map, after_shape, bg)
+    moved = _resample_linear_world(w_arr, w_aff, tmap, after_shape, after_aff, bg)
     moved_mask = _resample_nearest(mask.astype(np.uint8), idx_map, after_shape, 0).astype(bool)
     after = asymmetry_score(moved, after_aff, moved_mask, clip)
     if not moved_mask.any():
@@ -923,8 +935,7 @@ def apply_symmetry(array, transform, input_affine, output_shape, output_affine, 
         else:
             outs.append(_resample_linear_world(ch, input_affine, transform, output_shape, output_affine,
                                                float(ch.min()) if cval is None else cval))
-    out = np.stack(outs)
-    return out[0] if arr.ndim == 3 else out
+    return outs[0] if arr.ndim == 3 else np.stack(outs)
 
 
 def invert_symmetry(array, transform, input_shape, input_affine, output_affine, mode: str = "nearest", cval=0):

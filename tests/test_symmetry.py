@@ -297,3 +297,25 @@ def test_bad_arguments():
         SymmetricAlignd(keys=["image"], mode="cubic")
     with pytest.raises(InputError, match="does not exist"):
         SymmetricAlign(atlas="/nonexistent/atlas.nii.gz")
+
+
+def test_batched_dataloader_then_decollated_invertd():
+    """The bundle path: Dataset -> DataLoader (collate) -> decollate_batch -> Invertd back to each case's grid."""
+    from monai.data import DataLoader, Dataset, decollate_batch
+
+    cases = []
+    for seed in (12, 13):
+        ph = make_phantom(seed, size="small", tumour=True)
+        cases.append({"image": _meta(ph.image.astype(np.float32), ph.affine, f"c{seed}"),
+                      "label": _meta(ph.label, ph.affine, f"c{seed}"), "truth": ph.label})
+    pre = Compose([SymmetricAlignd(keys=["image", "label"])])
+    loader = DataLoader(Dataset([{k: c[k] for k in ("image", "label")} for c in cases], transform=pre), batch_size=2)
+    batch = next(iter(loader))
+    assert tuple(batch["image"].shape) == (2, 1, 96, 96, 32)
+    post = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)
+    for item, case in zip(decollate_batch(batch), cases):
+        item["pred"] = item["label"].clone()
+        back = post(item)["pred"]
+        np.testing.assert_array_equal(back.affine.numpy(), case["image"].affine.numpy())
+        assert int((back[0].numpy() != case["truth"]).sum()) <= max(3, int(0.03 * case["truth"].sum()))
+        assert json.loads(item["image"].meta["symmetry_report"])["ok"] is True
