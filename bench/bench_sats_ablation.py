@@ -17,7 +17,7 @@ the grid's central plane, so the symmetric registration is switched off to save 
 tumour contrast (``--contrast_hu``, default 6 HU against muscle; the phantoms default to 8).
 
     OMP_NUM_THREADS=2 python bench/bench_sats_ablation.py --work /tmp/sats_ablation [--cases 16]
-        [--stage1_epochs 40] [--stage2_epochs 20] [--contrast_hu 6] [--seed 0] [--json out.json]
+        [--stage1_epochs 40] [--stage2_epochs 20] [--contrast_hu 6] [--pos_fraction 0.33] [--seed 0] [--json out.json]
 
 Prints one line per variant: mean DSC (%), ASD (mm), HD95 (mm) over the test cases.
 """
@@ -70,6 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--contrast_hu", type=float, default=6.0)
     ap.add_argument("--stage1_epochs", type=int, default=40)
     ap.add_argument("--stage2_epochs", type=int, default=20)
+    ap.add_argument("--pos_fraction", type=float, default=0.33, help="probability of a tumour-centred training patch")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
         generate_dataset(data, cases=args.cases, seed=args.seed, modality="ct", size="small",
                          tumour_contrast_hu=args.contrast_hu, pose="identity")
     common = {"dataset_dir": str(data), "ckpt_dir": str(work / "models"), "symmetric_align": False, "num_workers": 0,
-              "val_interval": 10**6}  # no validation during training: the test cases are evaluated at the end
+              "val_interval": 10**6, "pos_fraction": args.pos_fraction}  # no validation during training: the test cases are evaluated at the end
     results = {"settings": vars(args), "variants": {}}
     t1 = _run("training", ["train.yaml", "quick.yaml"], {**common, "epochs": args.stage1_epochs, "output_dir": str(work / "stage1")},
               work / "stage1.log")
