@@ -33,6 +33,13 @@ KNOWN_DISTRIBUTIONS = {
     "cv2": "opencv-python",
 }
 
+# config components whose optional dependency an import scan of the bundle cannot see
+COMPONENT_REQUIREMENTS = {
+    r"\bProgressBar\b": "tqdm",
+    r"\bTensorBoard\w*Handler\b": "tensorboard",
+    r"\bMLFlowHandler\b": "mlflow",
+    r"\bClearMLStatsHandler\b|\bClearMLImageHandler\b": "clearml",
+}
 _DOTTED = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)")
 _IMPORT_LINE = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import\s+([\w\s,]+)|import\s+([\w.,\s]+?)(?:\s+as\s+\w+)?)\s*$")
 
@@ -211,7 +218,16 @@ def third_party_imports(bundle: Path, source_root: Path | None = None, packages=
         if where not in used[top]:
             used[top].append(where)
 
-    py_files, _ = bundle_sources(bundle)
+    py_files, cfg_files = bundle_sources(bundle)
+    yaml_cfgs = [p for p in cfg_files if p.suffix in (".yaml", ".yml")]
+    if yaml_cfgs:  # MONAI reads YAML configs with PyYAML, which is not one of MONAI's own requirements
+        add("yaml", f"configs/{yaml_cfgs[0].name} (YAML config)")
+    for cfg in cfg_files:
+        text = cfg.read_text(encoding="utf-8")
+        for pattern, module in COMPONENT_REQUIREMENTS.items():
+            found = re.search(pattern, text)
+            if found:
+                add(module, f"configs/{cfg.name} ({found.group(0)})")
     for name, optional, where in bundle_references(bundle, exclude=("_vendor",)):
         if optional:
             continue
@@ -249,10 +265,19 @@ def distribution_of(import_name: str) -> str | None:
 
     if _PACKAGES_DISTRIBUTIONS is None:  # scanning every installed distribution is slow: once per process
         _PACKAGES_DISTRIBUTIONS = metadata.packages_distributions()
+    if import_name in KNOWN_DISTRIBUTIONS:  # e.g. "itk" is provided by itk, itk-core, itk-segmentation, ...
+        return KNOWN_DISTRIBUTIONS[import_name]
     dists = _PACKAGES_DISTRIBUTIONS.get(import_name)
-    if dists:
-        return dists[0]
-    return KNOWN_DISTRIBUTIONS.get(import_name)
+    return dists[0] if dists else None
+
+
+def distributions_of(import_name: str) -> set[str]:
+    """Every distribution (normalised) that may provide ``import_name``: any of them may be listed."""
+    distribution_of(import_name)
+    names = set(_PACKAGES_DISTRIBUTIONS.get(import_name, []))
+    if import_name in KNOWN_DISTRIBUTIONS:
+        names.add(KNOWN_DISTRIBUTIONS[import_name])
+    return {normalize(n) for n in names}
 
 
 def hide_installed_project(packages=PROJECT_PACKAGES) -> list[str]:

@@ -16,7 +16,7 @@ Checks, in order, per bundle (a failed check does not stop the others):
    types of MONAI's ``meta_schema_20240725.json``; ``monai.bundle verify_metadata`` would download it) with
    ``jsonschema``.
 3. ``version``: ``version`` is ``X.Y.Z``, is a key of ``changelog`` and is its newest entry.
-4. ``data_format``: ``network_data_format`` has an ``image`` input and a ``pred`` output (3D tensors).
+4. ``data_format``: ``network_data_format`` has an ``image`` input and a ``pred`` output (2D slice or 3D).
 5. ``requirements``: every third-party package imported by ``scripts/``, the configs and the project code the
    bundle uses (vendored or not) is listed in ``required_packages_version`` (MONAI's own torch/numpy
    excepted) and installed; a version different from the listed one is reported as a note.
@@ -151,7 +151,7 @@ def check_version(meta: dict) -> list[str]:
 
 
 def check_data_format(meta: dict) -> list[str]:
-    """``network_data_format``: an ``image`` input and a ``pred`` output described as 3D tensors."""
+    """``network_data_format``: an ``image`` input and a ``pred`` output (2D or 3D spatial shape)."""
     errors = []
     fmt = meta.get("network_data_format") or {}
     for section, name in (("inputs", "image"), ("outputs", "pred")):
@@ -160,8 +160,8 @@ def check_data_format(meta: dict) -> list[str]:
             errors.append(f"network_data_format.{section} has no {name!r} entry (has {list(fmt.get(section) or {})})")
             continue
         shape = entry.get("spatial_shape")
-        if not isinstance(shape, list) or len(shape) != 3:
-            errors.append(f"network_data_format.{section}.{name}.spatial_shape should have 3 entries, got {shape!r}")
+        if not isinstance(shape, list) or len(shape) not in (2, 3):
+            errors.append(f"network_data_format.{section}.{name}.spatial_shape should have 2 or 3 entries, got {shape!r}")
         if not isinstance(entry.get("num_channels"), int) or entry.get("num_channels", 0) < 1:
             errors.append(f"network_data_format.{section}.{name}.num_channels must be a positive integer")
     return errors
@@ -181,7 +181,7 @@ def check_requirements(bundle: Path, meta: dict, source_root: Path | None) -> tu
         if dist is None:
             errors.append(f"imports {name!r} ({', '.join(where[:3])}) which is not installed and not a known package")
             continue
-        if bundle_deps.normalize(dist) not in listed:
+        if not (bundle_deps.distributions_of(name) | {bundle_deps.normalize(dist)}) & set(listed):
             errors.append(f"imports {name!r} ({', '.join(where[:3])}) but required_packages_version does not list {dist!r}")
     for dist, wanted in sorted(listed.items()):
         try:
