@@ -29,9 +29,11 @@ Checks, in order, per bundle (a failed check does not stop the others):
    to a temporary work folder (``ckpt_dir``/``output_dir`` overridden), the trained ``model.pt`` feeds
    ``eval``/``infer`` and the TorchScript export.
 
-Which config files each workflow merges follows the zoo convention (``train.yaml``;
-``train.yaml + evaluate.yaml``; ``inference.yaml``) and can be changed per bundle in
-``ci/bundle_custom.json`` (like the zoo's ``ci/bundle_custom_data.py``).
+Which config files each workflow merges follows this project's convention (``train.yaml``;
+``inference.yaml + evaluate.yaml``; ``inference.yaml``) and can be changed per bundle in
+``ci/bundle_custom.json`` (like the zoo's ``ci/bundle_custom_data.py``): ``workflows`` (config lists),
+``extra_train`` (config lists of further trainings a bundle needs before inference, e.g. a second
+network, run after ``train``), ``net_id``, ``net_configs``, ``overrides``.
 
 Exit status 0 when every check passed (skips allowed), 1 otherwise. ``--json FILE`` writes the results.
 """
@@ -68,9 +70,9 @@ PROJECT_REQUIRED = [
     "LICENSE",
     "large_files.yml",
 ]
-DEFAULT_WORKFLOWS = {
+DEFAULT_WORKFLOWS = {  # this project's convention (docs/DEVELOPING.md): evaluate.yaml merges on inference.yaml
     "train": ["configs/train.yaml"],
-    "eval": ["configs/train.yaml", "configs/evaluate.yaml"],
+    "eval": ["configs/inference.yaml", "configs/evaluate.yaml"],
     "infer": ["configs/inference.yaml"],
 }
 QUICK_CONFIG = "configs/quick.yaml"
@@ -289,15 +291,19 @@ def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None
     try:
         trained = work / "models" / "model.pt"
         if runs:
-            for wf in ("train", "eval", "infer"):
+            extra = [list(c) + ([QUICK_CONFIG] if quick and (bundle / QUICK_CONFIG).is_file() else [])
+                     for c in custom.get("extra_train", [])]
+            steps = [("train", "train", flows["train"])]
+            steps += [(f"train_extra{i + 1}", "train", cfgs) for i, cfgs in enumerate(extra)]
+            steps += [("eval", "eval", flows["eval"]), ("infer", "infer", flows["infer"])]
+            for label, wf, cfgs in steps:
                 start = time.time()
-                cfgs = flows[wf]
                 missing_cfg = [c for c in cfgs if not (bundle / c).is_file()]
                 if missing_cfg:
-                    record(wf, "fail", f"missing {missing_cfg}", start)
+                    record(label, "fail", f"missing {missing_cfg}", start)
                     continue
-                if wf != "train" and not trained.is_file():
-                    record(wf, "skip", "no trained model.pt (train failed)", start)
+                if label != "train" and not trained.is_file():
+                    record(label, "skip", "no trained model.pt (train failed)", start)
                     continue
                 ok, out = _run([py, str(CI_DIR / "run_workflow.py"), str(bundle), wf, *cfgs,
                                 "--override", json.dumps(overrides)], bundle, env, timeout)
@@ -305,7 +311,7 @@ def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None
                 if not ok:
                     found = re.search(r"CHECK-PROPERTIES-MISSING (.*)", out)
                     msg = f"check_properties: missing {found.group(1)}" if found else out
-                elif wf == "train" and not trained.is_file():
+                elif label == "train" and not trained.is_file():
                     ok, msg = False, f"training finished but wrote no {trained}"
                 if ok and hide_repo:
                     outside = [line for line in out.splitlines()
@@ -314,7 +320,7 @@ def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None
                         ok, msg = False, f"project code imported from outside the package: {outside}"
                     else:
                         msg = "; ".join(line for line in out.splitlines() if line.startswith("IMPORTED "))
-                record(wf, "ok" if ok else "fail", msg, start)
+                record(label, "ok" if ok else "fail", msg, start)
 
         start = time.time()
         ts_rule = meta.get("torchscript") or {}

@@ -173,7 +173,39 @@ run:
   - "$@train#trainer.run()"
 """
 
-EVALUATE = """validate#handlers:
+EVALUATE = """# merged on inference.yaml: the test cases with their labels, Dice, metrics file
+imports:
+  - $import glob
+  - $import torch
+  - $import monai
+  - $import npc_gtv
+  - $import npc_gtv.phantoms
+datalist: "$monai.data.load_decathlon_datalist(@dataset_dir + '/dataset.json', data_list_key='test')"
+preprocessing:
+  _target_: Compose
+  transforms:
+    - _target_: LoadImaged
+      keys: [image, label]
+      image_only: true
+      ensure_channel_first: true
+    - _target_: shared_transforms.intensity.HUWindowd
+      keys: image
+      a_min: -150
+      a_max: 350
+postprocessing:
+  _target_: Compose
+  transforms:
+    - _target_: Activationsd
+      keys: pred
+      sigmoid: true
+    - _target_: AsDiscreted
+      keys: pred
+      threshold: 0.5
+key_metric:
+  test_mean_dice:
+    _target_: MeanDice
+    output_transform: "$monai.handlers.from_engine(['pred', 'label'])"
+handlers:
   - _target_: npc_gtv.training.SafeCheckpointLoader
     load_path: "$@ckpt_dir + '/model.pt'"
     load_dict:
@@ -182,12 +214,8 @@ EVALUATE = """validate#handlers:
     iteration_log: false
   - _target_: MetricsSaver
     save_dir: "@output_dir"
-    metrics: [val_mean_dice]
-dataset: "@validate#dataset"
-evaluator: "@validate#evaluator"
-inferer: "@validate#inferer"
-run:
-  - "$@validate#evaluator.run()"
+    metrics: [test_mean_dice]
+evaluator#key_val_metric: "@key_metric"
 """
 
 INFERENCE = """imports:
