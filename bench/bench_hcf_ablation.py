@@ -155,12 +155,14 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         classifiers[ratio] = _train(copy.deepcopy(cls0), slices, flags, ratio, torch.nn.CrossEntropyLoss(), classify=True, **common)
         timings[f"classifier_{ratio}"] = time.perf_counter() - t0
+        print(f"trained classifier {ratio} in {timings[f'classifier_{ratio}']:.0f} s", flush=True)
 
     sanets = {}
     for ratio in ("theta_0", "theta_1", "theta_2", "theta_4", "theta_n"):
         t0 = time.perf_counter()
         sanets[("cr", ratio)] = _train(copy.deepcopy(sanet0), slices, flags, ratio, CRLoss(alpha=0.1), classify=False, **common)
         timings[f"sanet_cr_{ratio}"] = time.perf_counter() - t0
+        print(f"trained SANet (CR) {ratio} in {timings[f'sanet_cr_{ratio}']:.0f} s", flush=True)
     t0 = time.perf_counter()
     sanets[("dice_ce", "theta_4")] = _train(copy.deepcopy(sanet0), slices, flags, "theta_4", CRLoss(alpha=0.0), classify=False, **common)
     timings["sanet_dice_ce_theta_4"] = time.perf_counter() - t0
