@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -23,18 +24,37 @@ BUNDLE_DIR = BUNDLES_DIR / BUNDLE
 QUICK_ENV = {"OMP_NUM_THREADS": "1"}
 
 
+class _Out:
+    def __init__(self, stdout: str):
+        self.stdout = stdout
+
+
 @pytest.fixture(scope="module")
 def cycle(small_ct_dataset, tmp_path_factory):
-    """The quick demo sequence: pretrain, train all five scales, evaluate the ensemble."""
-    work = tmp_path_factory.mktemp("unet25d")
-    common = {"ckpt_dir": str(work / "models"), "output_dir": str(work / "eval")}
-    pre = run_bundle(BUNDLE, "run", ["pretrain.yaml", "quick.yaml"], {**common, "unlabeled_dir": str(work / "healthy")}, env=QUICK_ENV)
-    train = run_bundle(BUNDLE, "run", ["train.yaml", "quick.yaml"], {**common, "dataset_dir": str(small_ct_dataset)}, env=QUICK_ENV)
-    ev = run_bundle(
-        BUNDLE, "run", ["inference.yaml", "evaluate.yaml", "quick.yaml"],
-        {**common, "dataset_dir": str(small_ct_dataset), "save_uncertainty": True, "tracking": "mlflow"}, env=QUICK_ENV,
-    )
-    return {"work": work, "data": small_ct_dataset, "pretrain": pre, "train": train, "eval": ev}
+    """The quick demo sequence: pretrain, train all five scales, evaluate the ensemble.
+
+    Run once per test session even under pytest-xdist (the tests of this module may land on
+    different workers): the first worker runs it under a file lock in the folder shared by all
+    workers, the others reuse its outputs.
+    """
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent
+    work = shared / "unet25d_cycle"
+    done = work / "cycle.json"
+    with FileLock(str(shared / "unet25d_cycle.lock")):
+        if not done.is_file():
+            work.mkdir(exist_ok=True)
+            common = {"ckpt_dir": str(work / "models"), "output_dir": str(work / "eval")}
+            pre = run_bundle(BUNDLE, "pretraining", ["pretrain.yaml", "quick.yaml"], {**common, "unlabeled_dir": str(work / "healthy")}, env=QUICK_ENV)
+            train = run_bundle(BUNDLE, "training", ["train.yaml", "quick.yaml"], {**common, "dataset_dir": str(small_ct_dataset)}, env=QUICK_ENV)
+            ev = run_bundle(
+                BUNDLE, "evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"],
+                {**common, "dataset_dir": str(small_ct_dataset), "save_uncertainty": True, "tracking": "mlflow"}, env=QUICK_ENV,
+            )
+            done.write_text(json.dumps({"data": str(small_ct_dataset), "pretrain": pre.stdout, "train": train.stdout, "eval": ev.stdout}))
+    info = json.loads(done.read_text())
+    return {"work": work, "data": Path(info["data"]), **{k: _Out(info[k]) for k in ("pretrain", "train", "eval")}}
 
 
 def test_pretrain_on_tumour_free_phantoms_writes_encoder(cycle):
@@ -136,7 +156,12 @@ def test_ddp_two_cpu_processes(cycle):
     work, data = cycle["work"], cycle["data"]
     cfg = BUNDLE_DIR / "configs"
     files = [str(cfg / f) for f in ("train.yaml", "quick.yaml", "multi_gpu_train.yaml")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631", "-m", "monai.bundle", "run", "train_one",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous (other test workers may run torchrun too)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "monai.bundle", "run", "train_one",
            "--config_file", repr(files), "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
            "--dataset_dir", str(data), "--ckpt_dir", str(work / "ddp"), "--output_dir", str(work / "ddp_eval"), "--scale", "medium",
            "--pretrained_encoder", str(work / "models" / "pretrain" / "encoder.pt")]
