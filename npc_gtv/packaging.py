@@ -8,7 +8,8 @@ needs, found by scanning its configs and scripts and following imports transitiv
 * the modules are copied byte for byte to ``scripts/_vendor/<package>/...`` (never edited, so
   :func:`verify_vendored` can compare them with the source), and ``scripts/_vendor/VENDORED.json``
   records each file's source path and SHA-256;
-* ``scripts/__init__.py`` gets a generated block that puts ``scripts/_vendor`` first on ``sys.path``,
+* ``scripts/__init__.py`` gets a generated block (before its first statement, after the docstring and
+  ``from __future__`` imports) that puts ``scripts/_vendor`` first on ``sys.path``,
   so ``import shared_transforms`` / ``_target_: npc_gtv.training.ResumableCheckpoint`` resolve to the
   vendored copies under their own names (no import in the bundle is rewritten);
 * every config with an ``imports`` list gets ``$import scripts`` as its first entry, so the vendored
@@ -103,6 +104,34 @@ def _copy_bundle(src: Path, dest: Path) -> list[str]:
             shutil.copy2(Path(root) / name, target)
             copied.append(str(rel_root / name))
     return copied
+
+
+def _with_bootstrap(source: str) -> str:
+    """``source`` of ``scripts/__init__.py`` with the vendoring block inserted before its first statement.
+
+    The block goes after the module docstring and ``from __future__`` imports (which must stay first) and
+    before anything else, so imports the package itself makes already see the vendored code.
+    """
+    import ast
+
+    lines = source.splitlines(keepends=True)
+    insert_at = 0
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        body = []
+    for node in body:
+        is_doc = isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant) \
+            and isinstance(node.value.value, str) and node is body[0]
+        is_future = isinstance(node, ast.ImportFrom) and node.module == "__future__"
+        if is_doc or is_future:
+            insert_at = node.end_lineno
+        else:
+            break
+    head, tail = "".join(lines[:insert_at]), "".join(lines[insert_at:])
+    if head and not head.endswith("\n"):
+        head += "\n"
+    return head + BOOTSTRAP + ("\n" + tail if tail else "")
 
 
 def _prepend_scripts_import(config: Path) -> bool:
@@ -204,7 +233,7 @@ def package_bundle(bundle, out_dir, *, source_root=REPO_ROOT, make_zip: bool = T
         init.parent.mkdir(parents=True, exist_ok=True)
         existing = init.read_text(encoding="utf-8") if init.is_file() else ""
         if BOOTSTRAP_MARK not in existing:
-            init.write_text(existing + ("\n" if existing and not existing.endswith("\n") else "") + BOOTSTRAP, encoding="utf-8")
+            init.write_text(_with_bootstrap(existing), encoding="utf-8")
         patched = []
         for cfg in sorted((staging / "configs").glob("*")):
             if cfg.suffix in (".yaml", ".yml", ".json") and cfg.name != "metadata.json" and _prepend_scripts_import(cfg):

@@ -33,6 +33,8 @@ def _ci(name):
 @pytest.fixture()
 def tiny(tmp_path):
     bundle = _ci("tiny_bundle").write_tiny_bundle(tmp_path / "src")
+    # a package __init__ that imports its modules (which import shared code) at once
+    (bundle / "scripts" / "__init__.py").write_text('"""Tiny."""\n\nfrom __future__ import annotations\n\nfrom . import net  # noqa\n')
     (bundle / "models").mkdir()
     (bundle / "models" / "model.pt").write_bytes(b"weights")
     (bundle / "models" / "checkpoint_last.pt").write_bytes(b"training state")
@@ -67,6 +69,9 @@ def test_package_layout_vendoring_and_zip(tiny, tmp_path, capsys):
     assert pkg_lines[:2] == ["imports:", "  - $import scripts"] and pkg_lines[2:] == src_lines[1:]
     assert (pkg / "configs" / "quick.yaml").read_text() == (tiny / "configs" / "quick.yaml").read_text()
     assert (pkg / "scripts" / "net.py").read_bytes() == (tiny / "scripts" / "net.py").read_bytes()
+    init = (pkg / "scripts" / "__init__.py").read_text()  # vendoring block first, then the package's own imports
+    assert init.startswith('"""Tiny."""\n\nfrom __future__ import annotations\n')
+    assert init.index(packaging.BOOTSTRAP_MARK) < init.index("from . import net")
     with zipfile.ZipFile(tmp_path / "dist" / "tiny_seg.zip") as zf:
         names = set(zf.namelist())
     assert "tiny_seg/configs/metadata.json" in names and "tiny_seg/scripts/_vendor/npc_gtv/training.py" in names
