@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -117,16 +118,21 @@ def test_required_files(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BUNDLES)
 def test_bundle_passes_model_zoo_checks(name, tmp_path):
-    """The full check (static + verify_net_in_out + TorchScript + quick train/eval/infer) on a real bundle."""
+    """The full check (static + verify_net_in_out + TorchScript + quick train/eval/infer) on a real bundle.
+
+    ``NPC_GTV_ZOO_RUNS=0`` leaves out the train/eval/infer runs (about 2-3 CPU minutes per bundle; the
+    bundles' own tests run the same configs through ``monai.bundle run``).
+    """
     bundle = REPO / "bundles" / name
     if not bundle.is_dir():
         pytest.skip(f"bundles/{name} does not exist yet")
+    runs = os.environ.get("NPC_GTV_ZOO_RUNS", "1") != "0"
     logs = []
-    results = check_bundles.check_bundle(bundle, quick=True, work_dir=tmp_path / "work", data_dir=tmp_path / "data",
-                                         timeout=1200, log=logs.append)
+    results = check_bundles.check_bundle(bundle, quick=True, runs=runs, work_dir=tmp_path / "work",
+                                         data_dir=tmp_path / "data", timeout=1200, log=logs.append)
     failed = [r for r in results if r.status == "fail"]
     assert not failed, "\n".join(map(repr, failed))
     checks = {r.check: r.status for r in results}
-    assert {"files", "metadata", "version", "data_format", "requirements", "train", "eval", "infer",
-            "net_in_out", "torchscript"} <= set(checks)
+    expected = {"files", "metadata", "version", "data_format", "requirements", "net_in_out", "torchscript"}
+    assert expected | ({"train", "eval", "infer"} if runs else set()) <= set(checks)
     assert all(s == "ok" for c, s in checks.items() if c != "torchscript")
