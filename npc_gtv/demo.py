@@ -38,7 +38,7 @@ RECIPES: dict[str, list[Step]] = {
     "sats_npc": [
         Step("training", ["train.yaml", "quick.yaml"]),
         Step("training", ["train.yaml", "train_stage2.yaml", "quick.yaml"]),
-        Step("evaluating", ["train.yaml", "evaluate.yaml", "quick.yaml"]),
+        Step("evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"]),
     ],
     "unet25d_ssl": [
         Step("pretraining", ["pretrain.yaml", "quick.yaml"]),
