@@ -46,9 +46,9 @@ RECIPES: dict[str, list[Step]] = {
         Step("evaluating", ["train.yaml", "evaluate.yaml", "quick.yaml"]),
     ],
     "hcf_sanet": [
-        Step("training", ["train_classifier.yaml", "quick.yaml"]),
+        Step("training", ["train.yaml", "train_classifier.yaml", "quick.yaml"]),
         Step("training", ["train.yaml", "quick.yaml"]),
-        Step("evaluating", ["train.yaml", "evaluate.yaml", "quick.yaml"]),
+        Step("evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"]),
     ],
 }
 
