@@ -17,7 +17,7 @@ prediction back on the input image's exact grid (same shape, same affine).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -144,6 +144,18 @@ class ResampleToSpacingd(Spacingd):
         )
         new.min_pixdim, new.max_pixdim = old.min_pixdim, old.max_pixdim
         self.spacing_transform = new
+
+    def __call__(self, data, lazy: bool | None = None):
+        # MONAI's Spacingd calls ``.update()`` on every ``<key>_*`` entry after resampling; entries
+        # that are not meta dicts (MONAI Label's ``image_path`` string, say) are set aside meanwhile.
+        keys = set(self.keys)
+        aside = {
+            k: v for k, v in data.items()
+            if isinstance(k, str) and not isinstance(v, Mapping) and any(k.startswith(f"{key}_") for key in keys)
+        }
+        out = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
+        out.update(aside)
+        return out
 
 
 def body_mask(

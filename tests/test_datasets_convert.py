@@ -100,8 +100,9 @@ def test_structseg2019_numeric_cases_and_copy(tmp_path, capsys):
     assert [e["case_id"] for e in ds["training"]] == ["1", "2", "10"]
     assert ds["training"][2] == {"image": "./imagesTr/10.nii.gz", "case_id": "10", "label": "./labelsTr/10.nii.gz"}
     np.testing.assert_array_equal(load_nifti(out / "imagesTr" / "10.nii.gz")[0], _img(10))
-    with pytest.raises(InputError, match="already exists"):
+    with pytest.raises(SystemExit) as stop:  # the CLI reports bad input as exit code 2 + message
         main(["convert", "structseg2019", str(src), str(out), "--test_fraction", "0"])
+    assert stop.value.code == 2 and "already exists" in capsys.readouterr().err
     with pytest.raises(InputError, match="data-set root"):
         convert_structseg2019(src, src)
 
