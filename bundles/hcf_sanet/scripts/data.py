@@ -32,7 +32,6 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     Orientationd,
     Rand2DElasticd,
     RandCoarseDropoutd,
@@ -43,6 +42,7 @@ from monai.transforms import (
     Resized,
 )
 
+from shared_transforms.checks import CheckImaged, SafeLoadImaged
 from shared_transforms.intensity import HUWindowd
 from shared_transforms.io import InputError
 from shared_transforms.spatial import BodyCropd
@@ -85,7 +85,11 @@ def volume_transforms(
     modes = ["bilinear" if k == "image" else "nearest-exact" for k in keys]
     steps = []
     if load:
-        steps += [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+        steps += [
+            SafeLoadImaged(keys=keys, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            CheckImaged(image_keys="image", label_keys=[k for k in keys if k != "image"] or None),
+        ]
     steps += [
         Orientationd(keys=keys, axcodes="RAS"),
         BodyCropd(keys=keys, source_key="image", threshold=body_threshold, erosion_iterations=body_erosion),
