@@ -171,3 +171,38 @@ def test_ddp_two_processes(small_ct_dataset, tmp_path):
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # DDP unwrapped
     assert "input_block.conv1.conv.weight" in state
+
+
+def test_dicom_ct_in_rtstruct_out(trained, tmp_path):
+    """A DICOM CT folder as the only input: prediction on the CT grid plus an RTSTRUCT that references it."""
+    import pydicom
+
+    from npc_gtv.dicom.rtstruct import rasterize_rtstruct
+    from npc_gtv.dicom.series import write_dicom_series
+    from npc_gtv.phantoms import make_phantom
+    from shared_transforms.dicom import read_dicom_series
+
+    work, _ = trained
+    ph = make_phantom(31, size="small")
+    ct_dir = tmp_path / "CT"
+    write_dicom_series(ph.image, ph.affine, ct_dir)
+    out_dir = tmp_path / "out"
+    overrides = _overrides(tmp_path, work, output_dir=str(out_dir), symmetric_align=False, write_rtstruct=True)
+    overrides["datalist"] = [{"image": str(ct_dir)}]
+    del overrides["dataset_dir"]
+    out = _workflow("infer", ["configs/inference.yaml", "configs/quick.yaml"], overrides)
+    assert "WORKFLOW-DONE infer" in out
+    pred = nib.load(str(out_dir / "predictions" / "CT_seg.nii.gz"))
+    ct = read_dicom_series(ct_dir)
+    assert pred.shape == ct.array.shape
+    np.testing.assert_allclose(pred.affine, ct.affine, atol=1e-3)
+    rs_path = out_dir / "predictions" / "CT_rtstruct.dcm"
+    rs = pydicom.dcmread(rs_path)
+    first_ct = pydicom.dcmread(sorted(ct_dir.iterdir())[0])
+    assert rs.Modality == "RTSTRUCT" and rs.StudyInstanceUID == first_ct.StudyInstanceUID
+    assert rs.PatientID == first_ct.PatientID
+    assert rs.StructureSetROISequence[0].ROIName == "GTVp"
+    # the structure set holds exactly the saved mask (empty after one quick epoch is fine)
+    mask = np.asarray(pred.dataobj) > 0
+    if mask.any():
+        np.testing.assert_array_equal(rasterize_rtstruct(rs_path, ct) > 0, mask)
