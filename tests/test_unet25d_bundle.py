@@ -52,7 +52,8 @@ def cycle(small_ct_dataset, tmp_path_factory):
                 BUNDLE, "evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"],
                 {**common, "dataset_dir": str(small_ct_dataset), "save_uncertainty": True, "tracking": "mlflow"}, env=QUICK_ENV,
             )
-            done.write_text(json.dumps({"data": str(small_ct_dataset), "pretrain": pre.stdout, "train": train.stdout, "eval": ev.stdout}))
+            done.write_text(json.dumps({"data": str(small_ct_dataset), "pretrain": pre.stdout, "train": train.stdout, "eval": ev.stdout,
+                                        "eval_stderr": ev.stderr}))
     info = json.loads(done.read_text())
     return {"work": work, "data": Path(info["data"]), **{k: _Out(info[k]) for k in ("pretrain", "train", "eval")}}
 
@@ -111,7 +112,7 @@ def test_ensemble_evaluation_outputs_on_input_grid(cycle):
     import mlflow
 
     db = work / "eval" / "mlruns.db"
-    assert db.is_file()
+    assert db.is_file(), sorted(p.name for p in (work / "eval").iterdir()) + [json.loads((work / "cycle.json").read_text()).get("eval_stderr", "")[-4000:]]
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{db}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert runs
