@@ -20,6 +20,19 @@ BUNDLES_DIR = REPO_ROOT / "bundles"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_environment():
+    """Restore ``os.environ`` after every test.
+
+    Some libraries change it in-process (``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``),
+    and every bundle run started later by the same worker would inherit that and write elsewhere.
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def bundle_scripts(bundle: str, module: str | None = None):
     """Import ``scripts`` (or ``scripts.<module>``) of ``bundles/<bundle>`` freshly."""
     for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
