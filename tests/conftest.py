@@ -7,6 +7,7 @@ be imported side by side under that name. :func:`bundle_scripts` swaps the packa
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -43,6 +44,20 @@ def bundle_scripts(bundle: str, module: str | None = None):
         sys.path.insert(0, root)
     importlib.invalidate_caches()
     return importlib.import_module("scripts" if module is None else f"scripts.{module}")
+
+
+def load_ci_module(name: str):
+    """Import ``ci/<name>.py`` (the CI scripts are not a package) once per process."""
+    if name in sys.modules:
+        return sys.modules[name]
+    ci_dir = str(REPO_ROOT / "ci")
+    if ci_dir not in sys.path:
+        sys.path.insert(0, ci_dir)
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "ci" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_bundle(bundle: str, workflow: str, config_files: list[str], overrides: dict | None = None, *, timeout: int = 900, env=None):

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_ci_module
 
 REPO = Path(__file__).resolve().parents[1]
 CI = REPO / "ci"
 
 
-def _load(name):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(CI))
-    spec = importlib.util.spec_from_file_location(name, CI / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-check_bundles = _load("check_bundles")
-tiny_bundle = _load("tiny_bundle")
+check_bundles = load_ci_module("check_bundles")
+tiny_bundle = load_ci_module("tiny_bundle")
 BUNDLES = ["sats_npc", "unet25d_ssl", "hcf_sanet"]
 
 

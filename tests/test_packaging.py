@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import load_ci_module
 
 from npc_gtv import packaging
 
@@ -19,20 +19,11 @@ CI = REPO / "ci"
 BUNDLES = ["sats_npc", "unet25d_ssl", "hcf_sanet"]
 
 
-def _ci(name):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(CI))
-    spec = importlib.util.spec_from_file_location(name, CI / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture()
 def tiny(tmp_path):
-    bundle = _ci("tiny_bundle").write_tiny_bundle(tmp_path / "src")
+    bundle = load_ci_module("tiny_bundle").write_tiny_bundle(tmp_path / "src")
     # a package __init__ that imports its modules (which import shared code) at once
     (bundle / "scripts" / "__init__.py").write_text('"""Tiny."""\n\nfrom __future__ import annotations\n\nfrom . import net  # noqa\n')
     (bundle / "models").mkdir()
@@ -156,7 +147,7 @@ def test_real_bundle_package_vendors_and_imports_without_repository(name, tmp_pa
 @pytest.mark.slow
 def test_packaged_tiny_bundle_passes_model_zoo_checks_with_repository_hidden(tiny, tmp_path):
     """The package alone (repo code hidden) passes every ci/check_bundles.py check, quick train/eval/infer included."""
-    check_bundles = _ci("check_bundles")
+    check_bundles = load_ci_module("check_bundles")
     pkg = packaging.package_bundle(tiny, tmp_path / "dist")["folder"]
     results = check_bundles.check_bundle(pkg, work_dir=tmp_path / "work", data_dir=tmp_path / "data", hide_repo=True,
                                          timeout=900, log=lambda r: None)
