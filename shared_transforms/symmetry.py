@@ -36,14 +36,18 @@ samples onto the output grid). It is stored in the meta data (``symmetry_transfo
 with a JSON report (``symmetry_report``), and in the MetaTensor's ``applied_operations`` so that
 MONAI ``Invertd`` puts a prediction back on the original grid (same shape and affine).
 
-Inverse of labels (nearest neighbour): each original voxel that the forward nearest-neighbour
-map sampled gets back exactly the value of an output voxel that sampled it, so a label that was
-only moved by the forward transform comes back voxel-exact on every voxel that the forward map
-read. A rotation sampled with nearest neighbour is not a bijection of the voxel lattice: a small
-fraction of the input voxels (rotation by 5 degrees: 0.7 %, by 10 degrees: 2.5 %) is read by no
-output voxel; their value is absent from the forward output, and they take the value of the
-nearest output voxel (a pure voxel shift is exact everywhere inside the field of view). The
-inverse records how many there were in ``meta["symmetry_inverse_unread_voxels"]``.
+Labels (nearest neighbour) and their exact inverse: a rotation sampled with plain nearest
+neighbour is not a bijection of the voxel lattice (by 10 degrees about 2.5 % of the input voxels
+are read by no output voxel), so the moved label could not be put back exactly. When the voxel
+map is volume preserving (atlas-free mode, and atlas mode with a rigid transform on an atlas grid
+of the same spacing), labels are therefore moved by :mod:`shared_transforms.lattice`: the map is
+split into four single-axis shears with rounded row shifts, a bijection of the lattice within
+about one in-plane voxel (half a slice along z) of the exact map. A label moved only by the
+forward transform comes back **voxel-exact** on every voxel that stayed inside the grid. Other
+maps (atlas mode with an affine, or a different atlas spacing) use round-half-up nearest
+neighbour; their inverse is exact on every voxel the forward map read and takes the nearest output
+voxel elsewhere. The inverse records the number of original voxels no output voxel read (left
+the grid, or skipped by a non-bijective map) in ``meta["symmetry_inverse_unread_voxels"]``.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from scipy import ndimage
 
 from shared_transforms.flip import lr_axis
 from shared_transforms.io import InputError, check_image_array, load_nifti
+from shared_transforms.lattice import lattice_map
 from shared_transforms.spatial import body_mask as _body_mask_ct
 
 __all__ = [
@@ -308,14 +313,6 @@ def _index_map(out_affine, in_affine, tmap) -> np.ndarray:
     return np.linalg.inv(in_affine) @ tmap @ out_affine
 
 
-def _resample_linear(array: np.ndarray, index_map: np.ndarray, out_shape, cval: float) -> np.ndarray:
-    return ndimage.affine_transform(
-        np.asarray(array, dtype=np.float32), index_map[:3, :3], offset=index_map[:3, 3],
-        output_shape=tuple(int(s) for s in out_shape), order=1, mode="constant", cval=float(cval),
-        output=np.float32, prefilter=False,
-    )
-
-
 def _mapped_indices(index_map: np.ndarray, grid_shape, k: int) -> list[np.ndarray]:
     """Rounded (half up) images under ``index_map`` of the voxels of slice ``k`` (last axis) of a grid.
 
@@ -333,27 +330,51 @@ def _in_bounds(idx: list[np.ndarray], shape) -> np.ndarray:
     return valid
 
 
-def _resample_nearest(array: np.ndarray, index_map: np.ndarray, out_shape, cval=0) -> np.ndarray:
-    """Nearest-neighbour pull, slice by slice (round half up: the rule the exact inverse relies on)."""
+def _lattice_for(index_map: np.ndarray, in_affine: np.ndarray):
+    """The exactly invertible lattice version of ``index_map`` (rigid maps on one grid), or None."""
+    return lattice_map(index_map, spacing=_spacing(in_affine))
+
+
+def _resample_nearest(array: np.ndarray, index_map: np.ndarray, out_shape, cval=0, lattice=None) -> np.ndarray:
+    """Nearest-neighbour pull, slice by slice: through the lattice bijection when given, else round half up."""
     arr = np.asarray(array)
-    out = np.full(tuple(int(s) for s in out_shape), cval, dtype=arr.dtype)
-    for k in range(int(out_shape[2])):
-        src = _mapped_indices(index_map, out_shape, k)
+    out_shape = tuple(int(s) for s in out_shape)
+    out = np.full(out_shape, cval, dtype=arr.dtype)
+    ii, jj = np.meshgrid(np.arange(out_shape[0]), np.arange(out_shape[1]), indexing="ij")
+    for k in range(out_shape[2]):
+        if lattice is not None:
+            src = lattice.pull([ii, jj, np.full_like(ii, k)])
+        else:
+            src = _mapped_indices(index_map, out_shape, k)
         valid = _in_bounds(src, arr.shape)
         sl = out[:, :, k]
         sl[valid] = arr[src[0][valid], src[1][valid], src[2][valid]]
     return out
 
 
+def _invert_nearest_lattice(pred: np.ndarray, lattice, orig_shape, cval=0) -> tuple[np.ndarray, int]:
+    """Exact inverse of the lattice pull: every original voxel takes the value of the one output voxel that read it."""
+    pred = np.asarray(pred)
+    orig_shape = tuple(int(s) for s in orig_shape)
+    out = np.full(orig_shape, cval, dtype=pred.dtype)
+    ii, jj = np.meshgrid(np.arange(orig_shape[0]), np.arange(orig_shape[1]), indexing="ij")
+    unread = 0
+    for k in range(orig_shape[2]):
+        o = lattice.push([ii, jj, np.full_like(ii, k)])
+        valid = _in_bounds(o, pred.shape)
+        unread += int(valid.size - valid.sum())
+        sl = out[:, :, k]
+        sl[valid] = pred[o[0][valid], o[1][valid], o[2][valid]]
+    return out, unread
+
+
 def _invert_nearest(pred: np.ndarray, index_map: np.ndarray, orig_shape, cval=0) -> tuple[np.ndarray, int]:
-    """Inverse of :func:`_resample_nearest` onto the original grid, exact wherever information exists.
+    """Inverse of the round-half-up :func:`_resample_nearest` (maps that are not volume preserving).
 
     ``index_map`` is the forward map (output index -> input index). An original voxel ``v`` takes
     the value of the output voxel ``o`` nearest to it (pull through the inverse map) when that
     ``o`` sampled ``v`` in the forward direction; otherwise, when some other output voxel sampled
     ``v``, the value of that one; otherwise (``v`` was read by no output voxel) the pulled value.
-    A label moved only by the forward map therefore comes back unchanged on every voxel the
-    forward map read.
 
     Returns:
         the volume on the original grid and the number of original voxels no output voxel read.
@@ -411,8 +432,9 @@ def _resample_linear_world(array, in_affine, tmap, out_shape, out_affine, cval: 
     """Linear resampling with ITK's multi-threaded ``ResampleImageFilter`` (about 3x faster than scipy).
 
     ``tmap`` is the RAS map output world -> input world; the result is float32 ``out_shape``.
-    Identical to :func:`_resample_linear` wherever the sample has input voxels on both sides; within
-    one voxel of the input's edge ITK extrapolates the edge value where scipy blends in ``cval``.
+    Identical to ``scipy.ndimage.affine_transform(order=1)`` wherever the sample has input voxels on
+    both sides; within one voxel of the input's edge ITK extrapolates the edge value where scipy
+    blends in ``cval``.
     """
     itk = _itk()
     img = _to_itk_image(array, in_affine)
@@ -928,10 +950,11 @@ def apply_symmetry(array, transform, input_affine, output_shape, output_affine, 
     input_affine, output_affine = _as_np_affine(input_affine), _as_np_affine(output_affine)
     transform = np.asarray(transform, float)
     idx = _index_map(output_affine, input_affine, transform)
+    lattice = _lattice_for(idx, input_affine) if mode == "nearest" else None
     outs = []
     for ch in chans:
         if mode == "nearest":
-            outs.append(_resample_nearest(ch, idx, output_shape, 0 if cval is None else cval))
+            outs.append(_resample_nearest(ch, idx, output_shape, 0 if cval is None else cval, lattice))
         else:
             outs.append(_resample_linear_world(ch, input_affine, transform, output_shape, output_affine,
                                                float(ch.min()) if cval is None else cval))
@@ -947,8 +970,8 @@ def invert_symmetry(array, transform, input_shape, input_affine, output_affine, 
         input_shape: spatial shape of the original grid.
         input_affine: affine of the original grid.
         output_affine: affine of the output grid the array lies on.
-        mode: ``"nearest"`` (labels: exact on every voxel the forward nearest map read, see the module
-            docstring) or ``"bilinear"`` (images, probabilities).
+        mode: ``"nearest"`` (labels: the exact inverse of :func:`apply_symmetry`'s nearest mode, see the
+            module docstring) or ``"bilinear"`` (images, probabilities; ITK linear resampling).
         cval: value outside the output grid.
 
     Returns:
@@ -959,13 +982,19 @@ def invert_symmetry(array, transform, input_shape, input_affine, output_affine, 
     if arr.ndim not in (3, 4):
         raise ValueError(f"expected (X, Y, Z) or (C, X, Y, Z), got shape {arr.shape}")
     chans = arr[None] if arr.ndim == 3 else arr
-    fwd = _index_map(_as_np_affine(output_affine), _as_np_affine(input_affine), np.asarray(transform, float))
+    input_affine, output_affine = _as_np_affine(input_affine), _as_np_affine(output_affine)
+    transform = np.asarray(transform, float)
+    fwd = _index_map(output_affine, input_affine, transform)
+    lattice = _lattice_for(fwd, input_affine) if mode == "nearest" else None
     outs, unread = [], 0
     for ch in chans:
-        if mode == "nearest":
+        if lattice is not None:
+            o, unread = _invert_nearest_lattice(ch, lattice, input_shape, cval)
+        elif mode == "nearest":
             o, unread = _invert_nearest(ch, fwd, input_shape, cval)
-        else:
-            o = _resample_linear(ch, np.linalg.inv(fwd), input_shape, cval)
+        else:  # ITK's multi-threaded resampler, from the output grid back onto the input grid
+            o = _resample_linear_world(np.asarray(ch, np.float32), output_affine, np.linalg.inv(transform),
+                                       input_shape, input_affine, float(cval))
         outs.append(o)
     out = np.stack(outs)
     return (out[0] if arr.ndim == 3 else out), unread
@@ -1011,7 +1040,8 @@ class SymmetricAlign(InvertibleTransform):
     ``symmetry_report`` (JSON string, see :meth:`SymmetryResult.report`), ``symmetry_ok``, and an
     ``applied_operations`` entry so that :meth:`inverse` / MONAI ``Invertd`` restore the original
     grid (same shape, same affine). With ``Invertd(..., nearest_interp=True)`` or ``mode="nearest"``
-    the inverse is exact on every voxel the forward nearest-neighbour map read.
+    a label moved by this transform comes back voxel-exact (volume-preserving maps, see the module
+    docstring).
 
     Args:
         atlas: None (atlas-free mode, default) or a symmetric atlas NIfTI path / ``(array, affine)``.
