@@ -3,11 +3,14 @@
 own forward passes in the same run, and a Siamese training step (time, peak memory).
 
 Inference runs the bundle's ``configs/inference.yaml`` end to end in this process (read the NIfTI,
-resample to 1 x 1 x 3 mm, symmetric registration, body crop, HU window, sliding window over the head
-region, [mirror TTA], invert to the input grid, threshold, write the mask); forward hooks on the
-network add up the time of its forward passes, so the ratio end-to-end / forward is measured in
-the same run. Weights: ``--ckpt`` (a trained ``model.pt``) or random (speed does not depend on the
-weights' values).
+symmetric registration and resampling to 1 x 1 x 3 mm, body crop, HU window, sliding window over the
+head region, [mirror TTA], invert to the input grid, threshold, write the mask); forward hooks on
+the network add up the time of its forward passes, so the ratio end-to-end / forward is measured
+in the same run, per case. The same CT goes through ``--cases`` times (default 2): the first case
+also pays the one-off loading of ITK's registration modules (about 10 s per process, like importing
+torch or MONAI, which happens before the clock); the last case is the per-case cost that the
+targets are checked on. Both are printed. Weights: ``--ckpt`` (a trained ``model.pt``) or random
+(speed does not depend on the weights' values).
 
 The training step (stage 2: Siamese forward of I and I', projection head, Dice + BCE + margin loss,
 backward, SGD step) is measured in a child process so that its peak memory is its own: peak RSS
@@ -71,6 +74,7 @@ class ForwardTimer:
 def bench_inference(args, work: Path) -> dict:
     import numpy as np
     import torch
+    from ignite.engine import Events
     from monai.bundle import ConfigParser
 
     from npc_gtv.phantoms import make_phantom
@@ -84,7 +88,7 @@ def bench_inference(args, work: Path) -> dict:
     parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
     parser.update({
         "bundle_root": str(BUNDLE), "output_dir": str(work / "out"), "dataset_dir": str(work),
-        "datalist": [{"image": str(ct)}], "num_workers": 0, "mirror_tta": bool(args.tta),
+        "datalist": [{"image": str(ct)}] * args.cases, "num_workers": 0, "mirror_tta": bool(args.tta),
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
     })
     if args.ckpt:
@@ -96,21 +100,39 @@ def bench_inference(args, work: Path) -> dict:
     network = parser.get_parsed_content("network")
     timer = ForwardTimer(network, torch.cuda.is_available())
     evaluator = parser.get_parsed_content("evaluator")
+    per_case, mark = [], {}
+
+    @evaluator.on(Events.GET_BATCH_STARTED)
+    def _case_start(engine):  # the case's loading and pre-processing start here (num_workers 0)
+        mark.update(t=time.perf_counter(), c=time.process_time(), fwd=timer.total)
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def _case_end(engine):  # after the bundle's post-processing (inversion, saving), attached before this
+        wall = time.perf_counter() - mark["t"]
+        fwd = timer.total - mark["fwd"]
+        per_case.append({"end_to_end_s": round(wall, 2), "end_to_end_cpu_s": round(time.process_time() - mark["c"], 2),
+                         "network_forward_s": round(fwd, 2), "ratio_end_to_end_over_forward": round(wall / max(fwd, 1e-9), 3)})
+
     load0 = os.getloadavg()[0]
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     evaluator.run()
-    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    total = time.perf_counter() - t0
     pred = next((work / "out" / "predictions").glob("*_seg.nii.gz"))
     import nibabel as nib
 
     out_img = nib.load(str(pred))
     assert out_img.shape == ph.image.shape and np.allclose(out_img.affine, ph.affine, atol=1e-4), "prediction not on the input grid"
+    steady = per_case[-1]
     return {
         "input_shape": list(ph.image.shape), "input_spacing_mm": [round(float(s), 3) for s in ph.spacing],
-        "end_to_end_s": round(total, 2), "end_to_end_cpu_s": round(cpu, 2),
-        "network_forward_s": round(timer.total, 2), "forward_calls": timer.calls,
-        "ratio_end_to_end_over_forward": round(total / max(timer.total, 1e-9), 3),
+        "cases": per_case, "run_total_s": round(total, 2), "forward_calls": timer.calls,
+        "first_case_note": "includes loading ITK's registration modules (once per process)",
+        "end_to_end_s": steady["end_to_end_s"], "network_forward_s": steady["network_forward_s"],
+        "ratio_end_to_end_over_forward": steady["ratio_end_to_end_over_forward"],
+        "target_end_to_end_under_120_s": steady["end_to_end_s"] < 120,
+        "target_ratio_at_most_1_3": steady["ratio_end_to_end_over_forward"] <= 1.3,
         "mirror_tta": bool(args.tta), "load_avg_1min_at_start": round(load0, 2),
+        "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
     }
 
 
@@ -172,6 +194,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--tta", action="store_true", help="mirror test-time augmentation (two passes)")
+    ap.add_argument("--cases", type=int, default=2, help="times the CT is run through the pipeline (the first is cold)")
     ap.add_argument("--ckpt", default=None, help="trained model.pt (default: random weights)")
     ap.add_argument("--train_patch", type=int, nargs=3, default=[96, 96, 24], help="training patch (X Y Z); paper: 192 192 56")
     ap.add_argument("--train_batch", type=int, default=2)

@@ -57,7 +57,7 @@ import math
 import time
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ from shared_transforms.flip import lr_axis
 from shared_transforms.io import InputError, check_image_array, load_nifti
 from shared_transforms.lattice import lattice_map
 from shared_transforms.spatial import body_mask as _body_mask_ct
+from shared_transforms.spatial import world_to_array_pixdim
 
 __all__ = [
     "SymmetryError",
@@ -453,7 +454,8 @@ def _resample_linear_world(array, in_affine, tmap, out_shape, out_affine, cval: 
     res.SetOutputOrigin([float(v) for v in out_lps[:3, 3]])
     res.SetOutputDirection(itk.matrix_from_array(np.ascontiguousarray(out_lps[:3, :3] / sp)))
     res.Update()
-    return itk.array_from_image(res.GetOutput()).T  # (X, Y, Z) view of ITK's (Z, Y, X) buffer, no copy
+    # ITK's buffer is (Z, Y, X): a C-ordered (X, Y, Z) copy, which later numpy / scipy / torch steps need to be fast
+    return np.ascontiguousarray(itk.array_from_image(res.GetOutput()).T)
 
 
 def _transform_to_matrix(transform) -> np.ndarray:
@@ -613,6 +615,34 @@ class SymmetryResult:
     def plane_roll_deg(self) -> float:
         """Roll of the plane normal (rotation about A-P)."""
         return -math.degrees(math.asin(float(np.clip(self.plane_normal[2], -1.0, 1.0))))
+
+    def with_output_spacing(self, pixdim, axis_order: str = "world") -> "SymmetryResult":
+        """The same alignment onto a grid of spacing ``pixdim`` (mm; <= 0 keeps an axis).
+
+        ``axis_order="world"`` (default, as :class:`~shared_transforms.spatial.ResampleToSpacing`):
+        ``pixdim`` is (left-right, anterior-posterior, superior-inferior) and is mapped onto the
+        grid's axes; ``"array"``: one value per grid axis.
+
+        The new grid keeps the output grid's orientation and centre (so the mid-sagittal plane is
+        still its central sagittal plane) and covers the same extent, ``round(n * s / s')`` voxels
+        per axis. Resampling once onto it replaces a separate spacing step before the alignment
+        (one interpolation instead of two). Labels moved onto a grid of another spacing are not a
+        lattice bijection (see the module docstring).
+        """
+        if axis_order not in ("world", "array"):
+            raise ValueError(f"axis_order must be 'world' or 'array', got {axis_order!r}")
+        aff = np.asarray(self.output_affine, np.float64)
+        pix = _check_pixdim(pixdim)
+        pix = np.asarray(world_to_array_pixdim(pix, aff) if axis_order == "world" else pix)
+        shape = np.asarray(self.output_shape, np.float64)
+        sp = _spacing(aff)
+        new_sp = np.where(pix > 0, pix, sp)
+        new_shape = np.maximum(1, np.floor(shape * sp / new_sp + 0.5)).astype(int)
+        new_aff = np.eye(4)
+        new_aff[:3, :3] = aff[:3, :3] / sp * new_sp
+        centre = aff[:3, :3] @ ((shape - 1) / 2) + aff[:3, 3]
+        new_aff[:3, 3] = centre - new_aff[:3, :3] @ ((new_shape - 1) / 2)
+        return replace(self, output_shape=tuple(int(n) for n in new_shape), output_affine=new_aff)
 
     def report(self) -> dict:
         """JSON-serialisable per-case report."""
@@ -920,6 +950,16 @@ def estimate_symmetry(
 # ----------------------------------------------------------------------------- applying and inverting
 
 
+def _check_pixdim(pixdim) -> tuple[float, float, float]:
+    try:
+        pix = np.asarray(ensure_tuple_rep(pixdim, 3), dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"pixdim must be 3 numbers (mm), got {pixdim!r}") from exc
+    if pix.shape != (3,) or not np.all(np.isfinite(pix)):
+        raise ValueError(f"pixdim must be 3 finite numbers (mm), got {pixdim!r}")
+    return tuple(float(v) for v in pix)
+
+
 def _check_mode(mode: str) -> str:
     mode = str(mode)
     if mode not in LINEAR_MODES + NEAREST_MODES:
@@ -1052,6 +1092,10 @@ class SymmetricAlign(InvertibleTransform):
             (warn and leave the volume where it is, unaligned but not misaligned).
         channel: channel used for the estimation.
         cval: value outside the input for images (default the image minimum; labels always 0).
+        pixdim: output voxel size in mm per world axis (left-right, anterior-posterior,
+            superior-inferior; <= 0 keeps an axis), or None to keep the output grid's spacing. Resamples once onto a grid of that spacing with the same centre and extent
+            (:meth:`SymmetryResult.with_output_spacing`), in place of a spacing transform before this
+            one; labels then use round-half-up nearest neighbour (no exact lattice inverse).
         estimate_kwargs: passed to :func:`estimate_symmetry` (``metric``, ``atlas_transform``,
             ``working_spacing_mm``, ``shrink_factors``, ``smoothing_sigmas_mm``, ``iterations``, ...).
     """
@@ -1059,8 +1103,9 @@ class SymmetricAlign(InvertibleTransform):
     backend = [TransformBackends.NUMPY, TransformBackends.TORCH]
 
     def __init__(self, atlas=None, mode: str = "bilinear", output_affine: str = "grid", on_failure: str = "raise",
-                 channel: int = 0, cval: float | None = None, **estimate_kwargs):
+                 channel: int = 0, cval: float | None = None, pixdim=None, **estimate_kwargs):
         _check_mode(mode)
+        self.pixdim = None if pixdim is None else _check_pixdim(pixdim)
         if output_affine not in ("grid", "physical"):
             raise ValueError(f"output_affine must be 'grid' or 'physical', got {output_affine!r}")
         if on_failure not in ("raise", "warn", "identity"):
@@ -1103,6 +1148,8 @@ class SymmetricAlign(InvertibleTransform):
                 result.output_shape = tuple(result.input_shape)
                 result.output_affine = result.input_affine
                 result.warnings.append("failure: identity transform used, the volume is NOT aligned")
+        if self.pixdim is not None:
+            result = result.with_output_spacing(self.pixdim)
         return result
 
     def __call__(self, img, affine=None, result: SymmetryResult | None = None, mode: str | None = None):

@@ -16,6 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
 from npc_gtv.phantoms import make_phantom
+from shared_transforms.flip import lr_axis
 from shared_transforms.io import InputError
 from shared_transforms.symmetry import (
     SymmetricAlign,
@@ -184,6 +185,32 @@ def test_invertd_returns_labels_to_the_original_grid_exactly():
     img_inv = Invertd(keys="image", transform=pre, orig_keys="image")(dict(out))["image"]
     np.testing.assert_array_equal(img_inv.affine.numpy(), ph.affine)
     assert tuple(img_inv.shape) == (1,) + ph.label.shape
+
+
+def test_pixdim_resamples_once_onto_a_centred_grid_of_that_spacing():
+    ph = make_phantom(5, size="small", tumour=True)  # 2.4 x 2.4 x 3 mm
+    # the same volume stored with its axes permuted (array axes: SI, LR, AP): pixdim stays per world axis
+    perm_img = np.transpose(ph.image, (2, 0, 1)).astype(np.float32)
+    perm_aff = ph.affine[:, [2, 0, 1, 3]]
+    for img, aff, expect_sp in ((ph.image.astype(np.float32), ph.affine, (1.5, 2.0, 4.0)), (perm_img, perm_aff, (4.0, 1.5, 2.0))):
+        align = SymmetricAlignd(keys="image", pixdim=(1.5, 2.0, 4.0))
+        out = Compose([align])({"image": _meta(img, aff, "case5")})["image"]
+        out_aff = out.affine.numpy()
+        np.testing.assert_allclose(np.linalg.norm(out_aff[:3, :3], axis=0), expect_sp, atol=1e-9)
+        centre = lambda a, shape: a[:3, :3] @ ((np.asarray(shape) - 1) / 2) + a[:3, 3]  # noqa: E731
+        np.testing.assert_allclose(centre(out_aff, out.shape[1:]), centre(aff, img.shape), atol=1e-6)
+        expect_shape = np.floor(np.asarray(img.shape) * np.linalg.norm(aff[:3, :3], axis=0) / expect_sp + 0.5)
+        np.testing.assert_array_equal(out.shape[1:], expect_shape)
+        # the head is symmetric about the new grid's central sagittal plane (the remainder is mostly noise)
+        ax = lr_axis(out_aff)
+        a = np.clip(out[0].numpy(), -200, 300)
+        before = np.clip(img, -200, 300)
+        assert np.abs(a - np.flip(a, ax)).mean() < 0.5 * np.abs(before - np.flip(before, lr_axis(aff))).mean()
+        back = Invertd(keys="image", transform=Compose([align]), orig_keys="image")({"image": out})["image"]
+        assert tuple(back.shape[1:]) == img.shape
+        np.testing.assert_allclose(back.affine.numpy(), aff, atol=1e-9)
+    with pytest.raises(ValueError, match="pixdim"):
+        SymmetricAlignd(keys="image", pixdim=(1.0, float("nan"), 3.0))
 
 
 def _rotation_z(deg):
