@@ -19,7 +19,8 @@ Checks, in order, per bundle (a failed check does not stop the others):
 4. ``data_format``: ``network_data_format`` has an ``image`` input and a ``pred`` output (2D slice or 3D).
 5. ``requirements``: every third-party package imported by ``scripts/``, the configs and the project code the
    bundle uses (vendored or not) is listed in ``required_packages_version`` (MONAI's own torch/numpy
-   excepted) and installed; a version different from the listed one is reported as a note.
+   excepted) and installed; a version different from the listed one is reported as a note. A package (with
+   ``scripts/_vendor``) must not list the project distribution whose code it vendors (``npc-gtv``).
 6. ``net_in_out``: ``monai.bundle verify_net_in_out`` (subprocess).
 7. ``torchscript``: ``monai.bundle ckpt_export`` to TorchScript + same output as the eager network, unless
    ``metadata.json`` has ``"torchscript": {"exempt": "<reason>"}`` (the reason is printed; a bundle may
@@ -185,6 +186,12 @@ def check_requirements(bundle: Path, meta: dict, source_root: Path | None) -> tu
             continue
         if not (bundle_deps.distributions_of(name) | {bundle_deps.normalize(dist)}) & set(listed):
             errors.append(f"imports {name!r} ({', '.join(where[:3])}) but required_packages_version does not list {dist!r}")
+    manifest = bundle / "scripts" / "_vendor" / "VENDORED.json"
+    vendored_dist = json.loads(manifest.read_text()).get("distribution") if manifest.is_file() else None
+    if vendored_dist and bundle_deps.normalize(vendored_dist) in listed:
+        errors.append(f"lists {vendored_dist!r}, whose code this package vendors in scripts/_vendor; a package must not "
+                      f"require it (it is on no package index, so installing the requirements would fail)")
+        listed.pop(bundle_deps.normalize(vendored_dist))
     for dist, wanted in sorted(listed.items()):
         try:
             have = im.version(dist)

@@ -15,7 +15,12 @@ needs, found by scanning its configs and scripts and following imports transitiv
 * every config with an ``imports`` list gets ``$import scripts`` as its first entry, so the vendored
   path is active before the config's own imports run (a bundle's ``scripts`` is importable whenever the
   bundle root is on ``sys.path``, as for any model-zoo bundle: run from the bundle folder, MONAI Label
-  adds it, or set ``PYTHONPATH``).
+  adds it, or set ``PYTHONPATH``);
+* ``configs/metadata.json`` loses the ``required_packages_version`` entry of this project's own
+  distribution (``npc-gtv``, from ``pyproject.toml``): inside the repository a bundle needs it installed,
+  but a package carries that code in ``scripts/_vendor`` and ``npc-gtv`` is on no package index, so the
+  entry would make ``pip install`` of the package's requirements fail. The removed entry is recorded in
+  ``VENDORED.json`` (``dropped_requirements``).
 
 Left out of the package: ``__pycache__``, training state (``models/checkpoint_last.pt`` and temporary
 files), ``eval/`` outputs, TensorBoard / MLflow runs. ``models/model.pt`` / ``model.ts`` are included
@@ -139,7 +144,7 @@ def _prepend_scripts_import(config: Path) -> bool:
     text = config.read_text(encoding="utf-8")
     if config.suffix == ".json":
         data = json.loads(text)
-        if isinstance(data.get("imports"), list) and "$import scripts" not in data["imports"]:
+        if isinstance(data.get("imports"), list) and data["imports"][:1] != ["$import scripts"]:
             data["imports"] = ["$import scripts"] + data["imports"]
             config.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
             return True
@@ -147,13 +152,17 @@ def _prepend_scripts_import(config: Path) -> bool:
     lines = text.splitlines(keepends=True)
     for i, line in enumerate(lines):
         if re.match(r"^imports:\s*(#.*)?$", line.rstrip("\n")):
-            indent = "  "
+            indent, first = "  ", None
             for nxt in lines[i + 1:]:
+                if not nxt.strip() or nxt.lstrip().startswith("#"):
+                    continue
                 m = re.match(r"^(\s*)- ", nxt)
-                if m:
-                    indent = m.group(1)
-                    break
-            if any(re.match(r"^\s*-\s*['\"]?\$import scripts['\"]?\s*$", x) for x in lines[i + 1:]):
+                if m:  # the list's first item
+                    indent, first = m.group(1), nxt
+                break
+            # only an "$import scripts" that comes *first* makes the vendored code visible to the other
+            # entries (a later one, as in bundles that import their scripts after npc_gtv, is too late)
+            if first is not None and re.match(r"^\s*-\s*['\"]?\$import scripts['\"]?\s*$", first):
                 return False
             lines.insert(i + 1, f"{indent}- $import scripts\n")
             config.write_text("".join(lines), encoding="utf-8")
@@ -161,10 +170,41 @@ def _prepend_scripts_import(config: Path) -> bool:
         m = re.match(r"^imports:\s*\[(.*)\]\s*$", line.rstrip("\n"))
         if m:
             inner = m.group(1).strip()
+            if re.match(r"^['\"]\$import scripts['\"]\s*(,|$)", inner):
+                return False
             lines[i] = f"imports: [\"$import scripts\"{', ' + inner if inner else ''}]\n"
             config.write_text("".join(lines), encoding="utf-8")
             return True
     return False
+
+
+def project_distribution(source_root=REPO_ROOT) -> str | None:
+    """This project's distribution name (``[project] name`` of ``pyproject.toml``), None without one."""
+    import tomllib
+
+    path = Path(source_root) / "pyproject.toml"
+    if not path.is_file():
+        return None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8")).get("project", {}).get("name")
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+
+
+def _drop_project_requirement(metadata: Path, distribution: str | None) -> dict:
+    """Remove ``distribution`` from ``required_packages_version`` of ``metadata``; returns what was removed."""
+    if not distribution:
+        return {}
+    meta = json.loads(metadata.read_text(encoding="utf-8"))
+    reqs = meta.get("required_packages_version")
+    if not isinstance(reqs, dict):
+        return {}
+    norm = _bundle_deps().normalize
+    dropped = {k: v for k, v in reqs.items() if norm(k) == norm(distribution)}
+    if dropped:
+        meta["required_packages_version"] = {k: v for k, v in reqs.items() if k not in dropped}
+        metadata.write_text(json.dumps(meta, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    return dropped
 
 
 def _write_zip(folder: Path, zip_path: Path) -> None:
@@ -188,7 +228,7 @@ def package_bundle(bundle, out_dir, *, source_root=REPO_ROOT, make_zip: bool = T
 
     Returns:
         ``{"folder", "zip", "vendored": [module names], "files": [vendored relative paths],
-        "configs_patched": [...]}``.
+        "configs_patched": [...], "dropped_requirements": {name: version}}``.
 
     Raises:
         ValueError: not a bundle, or the output exists and ``overwrite`` is False.
@@ -227,6 +267,9 @@ def package_bundle(bundle, out_dir, *, source_root=REPO_ROOT, make_zip: bool = T
             if found:
                 version = found.group(1)
             manifest.setdefault("versions", {})[pkg] = version
+        distribution = project_distribution(source_root)
+        manifest["distribution"] = distribution
+        manifest["dropped_requirements"] = _drop_project_requirement(staging / "configs" / "metadata.json", distribution)
         (staging / VENDOR_DIR).mkdir(parents=True, exist_ok=True)
         (staging / VENDOR_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         init = staging / "scripts" / "__init__.py"
@@ -247,7 +290,7 @@ def package_bundle(bundle, out_dir, *, source_root=REPO_ROOT, make_zip: bool = T
         zip_path = out_dir / f"{src.name}.zip"
         _write_zip(dest, zip_path)
     return {"folder": dest, "zip": zip_path, "vendored": modules, "files": sorted(manifest["files"]),
-            "configs_patched": patched}
+            "configs_patched": patched, "dropped_requirements": manifest["dropped_requirements"]}
 
 
 def verify_vendored(package_dir, source_root=REPO_ROOT) -> list[str]:
@@ -288,6 +331,9 @@ def package_command(bundle: str, out: str = "dist", zip: bool = True, overwrite:
     print(f"vendored {len(result['files'])} files of {', '.join(sorted({m.split('.')[0] for m in result['vendored']}))} "
           f"into scripts/_vendor: {', '.join(result['vendored'])}")
     print(f"configs with '$import scripts' added: {', '.join(result['configs_patched']) or 'none'}")
+    if result["dropped_requirements"]:
+        print("metadata.json: required_packages_version no longer lists "
+              + ", ".join(f"{k}=={v}" for k, v in result["dropped_requirements"].items()) + " (vendored)")
     problems = verify_vendored(result["folder"])
     if problems:
         raise SystemExit("vendored copy differs from the source:\n" + "\n".join(problems))

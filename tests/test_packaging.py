@@ -19,8 +19,6 @@ CI = REPO / "ci"
 BUNDLES = ["sats_npc", "unet25d_ssl", "hcf_sanet"]
 
 
-
-
 @pytest.fixture()
 def tiny(tmp_path):
     bundle = load_ci_module("tiny_bundle").write_tiny_bundle(tmp_path / "src")
@@ -88,6 +86,44 @@ def test_tampered_vendored_copy_is_detected_and_outputs_protected(tiny, tmp_path
         packaging.package_bundle(tmp_path / "nope", tmp_path / "dist")
 
 
+def test_scripts_import_is_put_first_even_when_the_config_imports_scripts_later(tmp_path):
+    """A later "$import scripts" (after "$import npc_gtv") is too late for the vendored path: one goes first."""
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("# comment\nimports:\n  # the modules\n  - $import npc_gtv\n  - $import scripts\nrun:\n  - \"$import scripts\"\n")
+    assert packaging._prepend_scripts_import(cfg)
+    assert cfg.read_text().splitlines()[1:5] == ["imports:", "  - $import scripts", "  # the modules", "  - $import npc_gtv"]
+    assert not packaging._prepend_scripts_import(cfg)  # already first: unchanged
+    flow = tmp_path / "flow.yaml"
+    flow.write_text('imports: ["$import npc_gtv", "$import scripts"]\n')
+    assert packaging._prepend_scripts_import(flow) and not packaging._prepend_scripts_import(flow)
+    assert flow.read_text() == 'imports: ["$import scripts", "$import npc_gtv", "$import scripts"]\n'
+    js = tmp_path / "train.json"
+    js.write_text(json.dumps({"imports": ["$import npc_gtv", "$import scripts"]}))
+    assert packaging._prepend_scripts_import(js) and not packaging._prepend_scripts_import(js)
+    assert json.loads(js.read_text())["imports"] == ["$import scripts", "$import npc_gtv", "$import scripts"]
+
+
+def test_package_metadata_drops_the_vendored_project_requirement(tiny, tmp_path):
+    """Inside the repository a bundle may list npc-gtv; its package vendors that code and must not ask pip for it."""
+    meta_path = tiny / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["required_packages_version"]["npc_gtv"] = "0.1.0"  # any spelling of the distribution name
+    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+    result = packaging.package_bundle(tiny, tmp_path / "dist")
+    assert result["dropped_requirements"] == {"npc_gtv": "0.1.0"}
+    packaged = json.loads((result["folder"] / "configs" / "metadata.json").read_text())
+    del meta["required_packages_version"]["npc_gtv"]
+    assert packaged == meta
+    manifest = json.loads((result["folder"] / "scripts" / "_vendor" / "VENDORED.json").read_text())
+    assert manifest["distribution"] == "npc-gtv" and manifest["dropped_requirements"] == {"npc_gtv": "0.1.0"}
+    # the zoo check refuses a package that still lists it
+    check_bundles = load_ci_module("check_bundles")
+    packaged["required_packages_version"]["npc-gtv"] = "0.1.0"
+    errors, _ = check_bundles.check_requirements(result["folder"], packaged, None)
+    assert errors == ["lists 'npc-gtv', whose code this package vendors in scripts/_vendor; a package must not require it "
+                      "(it is on no package index, so installing the requirements would fail)"]
+
+
 HIDDEN_IMPORT = r"""
 import json, os, sys
 sys.path.insert(0, {ci!r})
@@ -105,8 +141,10 @@ from monai.bundle import ConfigParser
 parser = ConfigParser()
 parser.read_config([os.path.join(bundle, "configs", c) for c in {configs!r}])
 parser["bundle_root"] = bundle
-for i in range(len(parser["imports"])):
-    parser.get_parsed_content(f"imports#{{i}}")
+for i, entry in enumerate(parser["imports"]):
+    # MONAI turns a failed "$import x" into a stand-in that raises only when used: catch it here
+    if type(parser.get_parsed_content(f"imports#{{i}}")).__name__ in ("_LazyRaise", "_LazyCls"):
+        raise SystemExit(f"imports#{{i}} {{entry!r}} failed to import (the vendored code was not on sys.path yet)")
 net = parser.get_parsed_content("network_def")
 files = {{}}
 for mod in json.load(open(os.path.join(bundle, "scripts/_vendor/VENDORED.json")))["modules"]:
@@ -139,6 +177,10 @@ def test_real_bundle_package_vendors_and_imports_without_repository(name, tmp_pa
         pytest.skip(f"bundles/{name} has no configs/metadata.json yet")
     result = packaging.package_bundle(bundle, tmp_path / "dist", make_zip=False)
     assert packaging.verify_vendored(result["folder"]) == []
+    source_meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    packaged_meta = json.loads((result["folder"] / "configs" / "metadata.json").read_text())
+    source_meta["required_packages_version"].pop("npc-gtv", None)
+    assert packaged_meta == source_meta  # only the project's own (vendored) distribution is dropped
     assert "npc_gtv.training" in result["vendored"]
     configs = ["train.yaml"] + (["quick.yaml"] if (bundle / "configs" / "quick.yaml").is_file() else [])
     assert _run_hidden(result["folder"], configs).startswith("NET ")
