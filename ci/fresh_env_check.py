@@ -170,18 +170,24 @@ def run(bundles: list[str], work: Path, *, skip_runs: bool = False, timeout: int
     summary: dict = {"work": str(work), "bundles": {}, "timings_s": timings, "skip_runs": skip_runs}
 
     start = time.time()
-    packages: dict[str, Path] = {}
+    sources: dict[str, Path] = {}
     for bundle in bundles:
         try:
-            result = package_bundle(resolve_bundle(bundle), work / "dist", overwrite=True)
+            folder = resolve_bundle(bundle)
         except ValueError as exc:
-            raise SetupError(f"{bundle}: packaging failed: {exc}") from None
+            raise SetupError(str(exc)) from None
+        if folder.name in sources:
+            raise SetupError(f"{bundle}: a bundle named {folder.name!r} was given twice ({sources[folder.name]})")
+        sources[folder.name] = folder
+    packages: dict[str, Path] = {}
+    for name, folder in sources.items():
+        try:
+            result = package_bundle(folder, work / "dist", overwrite=True)
+        except ValueError as exc:
+            raise SetupError(f"{folder}: packaging failed: {exc}") from None
         problems = verify_vendored(result["folder"])
         if problems:
             raise SetupError(f"{result['folder']}: vendored copy differs from the source: {problems}")
-        name = result["folder"].name
-        if name in packages:
-            raise SetupError(f"{bundle}: a bundle named {name!r} was given twice")
         packages[name] = _extract_and_compare(result["zip"], result["folder"], work / "unzipped")
         print(f"packaged {name}: {result['zip']} (vendored {len(result['files'])} files; "
               f"dropped requirements {result['dropped_requirements'] or 'none'})", flush=True)
