@@ -59,7 +59,7 @@ def largest_component(mask, connectivity: int | None = None) -> np.ndarray:
     labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, conn))
     if n <= 1:
         return labels > 0
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes = np.bincount(labels[mask], minlength=n + 1)[1:]  # foreground only: far faster than the whole volume
     return labels == (int(np.argmax(sizes)) + 1)
 
 

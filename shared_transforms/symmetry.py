@@ -416,16 +416,28 @@ def _itk():
     return itk
 
 
+def _itk_geometry(affine_ras: np.ndarray):
+    """(spacing, origin, direction) in LPS of an ITK image holding a C-ordered numpy ``(X, Y, Z)`` buffer.
+
+    ITK runs its first index fastest; a C-ordered ``(X, Y, Z)`` array runs Z fastest. ITK therefore
+    sees the array's axes in reverse order (its index ``(k, j, i)``), and the affine's columns are
+    reversed to match: the same voxels at the same physical points, and no transposed copy.
+    """
+    aff_lps = _LPS @ np.asarray(affine_ras, np.float64)
+    cols = aff_lps[:3, [2, 1, 0]]
+    spacing = np.linalg.norm(cols, axis=0)
+    return spacing, aff_lps[:3, 3], cols / spacing
+
+
 def _to_itk_image(array: np.ndarray, affine_ras: np.ndarray, pixel="F"):
-    """numpy ``(X, Y, Z)`` + RAS affine -> ITK image (LPS physical space)."""
+    """numpy ``(X, Y, Z)`` + RAS affine -> ITK image (LPS physical space; see :func:`_itk_geometry`)."""
     itk = _itk()
     dtype = np.float32 if pixel == "F" else np.uint8
-    img = itk.image_from_array(np.ascontiguousarray(np.asarray(array, dtype=dtype).T))
-    aff_lps = _LPS @ affine_ras
-    spacing = _spacing(aff_lps)
+    img = itk.image_from_array(np.ascontiguousarray(array, dtype=dtype))
+    spacing, origin, direction = _itk_geometry(affine_ras)
     img.SetSpacing([float(s) for s in spacing])
-    img.SetOrigin([float(v) for v in aff_lps[:3, 3]])
-    img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(aff_lps[:3, :3] / spacing)))
+    img.SetOrigin([float(v) for v in origin])
+    img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
     return img
 
 
@@ -439,8 +451,6 @@ def _resample_linear_world(array, in_affine, tmap, out_shape, out_affine, cval: 
     """
     itk = _itk()
     img = _to_itk_image(array, in_affine)
-    out_lps = _LPS @ np.asarray(out_affine, float)
-    sp = _spacing(out_lps)
     transform = itk.AffineTransform[itk.D, 3].New()
     m = ras_to_lps_matrix(tmap)
     transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(m[:3, :3])))
@@ -449,13 +459,13 @@ def _resample_linear_world(array, in_affine, tmap, out_shape, out_affine, cval: 
     res.SetInput(img)
     res.SetTransform(transform)
     res.SetDefaultPixelValue(float(cval))
-    res.SetSize([int(v) for v in out_shape])
+    sp, origin, direction = _itk_geometry(out_affine)
+    res.SetSize([int(v) for v in reversed(tuple(out_shape))])
     res.SetOutputSpacing([float(v) for v in sp])
-    res.SetOutputOrigin([float(v) for v in out_lps[:3, 3]])
-    res.SetOutputDirection(itk.matrix_from_array(np.ascontiguousarray(out_lps[:3, :3] / sp)))
+    res.SetOutputOrigin([float(v) for v in origin])
+    res.SetOutputDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
     res.Update()
-    # ITK's buffer is (Z, Y, X): a C-ordered (X, Y, Z) copy, which later numpy / scipy / torch steps need to be fast
-    return np.ascontiguousarray(itk.array_from_image(res.GetOutput()).T)
+    return itk.array_from_image(res.GetOutput())  # C-ordered (X, Y, Z), see _itk_geometry
 
 
 def _transform_to_matrix(transform) -> np.ndarray:
