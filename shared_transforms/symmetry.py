@@ -416,15 +416,17 @@ def _itk():
     return itk
 
 
-def _itk_geometry(affine_ras: np.ndarray):
-    """(spacing, origin, direction) in LPS of an ITK image holding a C-ordered numpy ``(X, Y, Z)`` buffer.
+def _itk_geometry(affine_ras: np.ndarray, reverse: bool = True):
+    """(spacing, origin, direction) in LPS of an ITK image holding a numpy ``(X, Y, Z)`` buffer.
 
-    ITK runs its first index fastest; a C-ordered ``(X, Y, Z)`` array runs Z fastest. ITK therefore
-    sees the array's axes in reverse order (its index ``(k, j, i)``), and the affine's columns are
-    reversed to match: the same voxels at the same physical points, and no transposed copy.
+    ITK runs its first index fastest. A C-ordered ``(X, Y, Z)`` array runs Z fastest, so ITK sees
+    its axes in reverse order (ITK index ``(k, j, i)``) and the affine's columns are reversed to
+    match (``reverse=True``); the same voxels lie at the same physical points and no transposed
+    copy is made. A Fortran-ordered array (nibabel's) is handed over as its transpose, a C-ordered
+    ``(Z, Y, X)`` view, with the columns in their order (``reverse=False``).
     """
     aff_lps = _LPS @ np.asarray(affine_ras, np.float64)
-    cols = aff_lps[:3, [2, 1, 0]]
+    cols = aff_lps[:3, [2, 1, 0]] if reverse else aff_lps[:3, :3]
     spacing = np.linalg.norm(cols, axis=0)
     return spacing, aff_lps[:3, 3], cols / spacing
 
@@ -432,9 +434,10 @@ def _itk_geometry(affine_ras: np.ndarray):
 def _to_itk_image(array: np.ndarray, affine_ras: np.ndarray, pixel="F"):
     """numpy ``(X, Y, Z)`` + RAS affine -> ITK image (LPS physical space; see :func:`_itk_geometry`)."""
     itk = _itk()
-    dtype = np.float32 if pixel == "F" else np.uint8
-    img = itk.image_from_array(np.ascontiguousarray(array, dtype=dtype))
-    spacing, origin, direction = _itk_geometry(affine_ras)
+    arr = np.asarray(array, dtype=np.float32 if pixel == "F" else np.uint8)
+    fortran = arr.flags.f_contiguous and not arr.flags.c_contiguous
+    img = itk.image_from_array(arr.T if fortran else np.ascontiguousarray(arr))
+    spacing, origin, direction = _itk_geometry(affine_ras, reverse=not fortran)
     img.SetSpacing([float(s) for s in spacing])
     img.SetOrigin([float(v) for v in origin])
     img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
