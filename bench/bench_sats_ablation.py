@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ VARIANTS = {"plain": "none", "margin_no_head": "features", "head_margin": "head"
 
 
 def _run(workflow: str, configs: list[str], overrides: dict, log: Path) -> float:
+    """``python -m monai.bundle run <workflow>`` from the bundle folder, output to ``log``; returns the wall time in s."""
     cfg = BUNDLE / "configs"
     files = repr([str(cfg / c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", files,
@@ -48,7 +48,7 @@ def _run(workflow: str, configs: list[str], overrides: dict, log: Path) -> float
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=str(BUNDLE), stdout=fh, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{workflow} failed, see {log}")
+        raise SystemExit(f"{workflow} failed (exit {proc.returncode}), see {log}")
     return time.perf_counter() - t0
 
 

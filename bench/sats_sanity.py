@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "sats_npc"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sats_ablation import _run  # noqa: E402  (one bundle-command runner for both benches)
 
 _ITER = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- train_loss: ([0-9.eE+-]+)")
 _LR = re.compile(r"Current learning rate: ([0-9.eE+-]+)")
@@ -55,21 +53,6 @@ def parse_log(text: str) -> dict:
         for m in _TRAIN_DICE.finditer(line):
             train_dice[int(m.group(1))] = float(m.group(2))
     return {"losses": losses, "lrs": lrs, "val_dice": val, "train_dice": train_dice}
-
-
-def _bundle_run(workflow: str, configs: list[str], overrides: dict, log: Path) -> float:
-    """``python -m monai.bundle run <workflow>`` from the bundle folder; returns the wall time in s."""
-    cfg = BUNDLE / "configs"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", repr([str(cfg / c) for c in configs]),
-           "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf")]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=str(BUNDLE), stdout=fh, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{workflow} failed (exit {proc.returncode}), see {log}")
-    return time.perf_counter() - t0
 
 
 def main(argv=None) -> dict:
@@ -102,7 +85,7 @@ def main(argv=None) -> dict:
     if args.momentum is not None:
         overrides["momentum"] = args.momentum
     log = work / "train.log"
-    wall = _bundle_run("training", ["train.yaml", "quick.yaml"], overrides, log)
+    wall = _run("training", ["train.yaml", "quick.yaml"], overrides, log)
     res = parse_log(log.read_text(errors="replace"))
     if not res["losses"]:
         raise SystemExit(f"no training loss found in {log}")
@@ -130,7 +113,7 @@ def main(argv=None) -> dict:
     if args.evaluate:
         ev = work / "eval"
         ev_over = {k: overrides[k] for k in ("dataset_dir", "ckpt_dir", "symmetric_align", "num_workers")}
-        _bundle_run("evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"],
+        _run("evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"],
                     {**ev_over, "output_dir": str(ev), "evaluation_figures": False}, work / "eval.log")
         summary = json.loads((ev / "summary.json").read_text())
         stats = summary.get("metrics", summary)
