@@ -52,6 +52,17 @@ def _run(workflow: str, configs: list[str], overrides: dict, log: Path) -> float
     return time.perf_counter() - t0
 
 
+def phantom_set(work: Path, cases: int, seed: int, contrast_hu: float, **kwargs) -> Path:
+    """Small straight-pose CT phantoms with the given tumour contrast in ``work/data`` (kept when present)."""
+    from npc_gtv.phantoms import generate_dataset
+
+    data = work / "data"
+    if not (data / "dataset.json").is_file():
+        generate_dataset(data, cases=cases, seed=seed, modality="ct", size="small",
+                         tumour_contrast_hu=contrast_hu, pose="identity", **kwargs)
+    return data
+
+
 def _metric(summary: dict, *names):
     """Mean of the first metric of ``names`` found in the report's summary (layouts: flat or nested)."""
     stats = summary.get("metrics", summary)
@@ -74,13 +85,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from npc_gtv.phantoms import generate_dataset
-
     work = Path(args.work)
-    data = work / "data"
-    if not (data / "dataset.json").is_file():
-        generate_dataset(data, cases=args.cases, seed=args.seed, modality="ct", size="small",
-                         tumour_contrast_hu=args.contrast_hu, pose="identity")
+    data = phantom_set(work, args.cases, args.seed, args.contrast_hu)
     common = {"dataset_dir": str(data), "ckpt_dir": str(work / "models"), "symmetric_align": False, "num_workers": 0,
               "val_interval": 10**6, "pos_fraction": args.pos_fraction}  # no validation during training: the test cases are evaluated at the end
     results = {"settings": vars(args), "variants": {}}

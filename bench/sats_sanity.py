@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sats_ablation import _run  # noqa: E402  (one bundle-command runner for both benches)
+from bench_sats_ablation import _metric, _run, phantom_set  # noqa: E402  (shared with the ablation bench)
 
 _ITER = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- train_loss: ([0-9.eE+-]+)")
 _LR = re.compile(r"Current learning rate: ([0-9.eE+-]+)")
@@ -70,13 +70,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from npc_gtv.phantoms import generate_dataset
-
     work = Path(args.work)
-    data = work / "data"
-    if not (data / "dataset.json").is_file():
-        generate_dataset(data, cases=args.cases, seed=args.seed, modality="ct", size="small",
-                         tumour_contrast_hu=args.contrast_hu, pose="identity", test_fraction=0.1)
+    data = phantom_set(work, args.cases, args.seed, args.contrast_hu, test_fraction=0.1)
     overrides = {"dataset_dir": str(data), "ckpt_dir": str(work / "models"), "output_dir": str(work / "out"),
                  "symmetric_align": False, "num_workers": 0, "epochs": args.epochs, "val_interval": args.val_interval,
                  "pos_fraction": args.pos_fraction}
@@ -114,12 +109,10 @@ def main(argv=None) -> dict:
         ev = work / "eval"
         ev_over = {k: overrides[k] for k in ("dataset_dir", "ckpt_dir", "symmetric_align", "num_workers")}
         _run("evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"],
-                    {**ev_over, "output_dir": str(ev), "evaluation_figures": False}, work / "eval.log")
-        summary = json.loads((ev / "summary.json").read_text())
-        stats = summary.get("metrics", summary)
-        dsc = stats["dsc"]["mean"] if isinstance(stats["dsc"], dict) else stats["dsc"]
-        out["test_dsc"] = float(dsc)
-        print(f"test phantom(s), inference.yaml + evaluate.yaml: DSC {100 * float(dsc):.2f} %")
+             {**ev_over, "output_dir": str(ev), "evaluation_figures": False}, work / "eval.log")
+        dsc = _metric(json.loads((ev / "summary.json").read_text()), "dsc")
+        out["test_dsc"] = dsc
+        print(f"test phantom(s), inference.yaml + evaluate.yaml: DSC {100 * dsc:.2f} %")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out

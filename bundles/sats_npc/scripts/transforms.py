@@ -30,12 +30,10 @@ def symmetric_alignment(keys: KeysCollection, enabled: bool = True, pixdim=None,
         enabled: registration on (``SymmetricAlignd`` with ``pixdim``: one interpolation) or off
             (``ResampleToSpacingd``, or ``Identityd`` when ``pixdim`` is None too).
         pixdim: output voxel size in mm, or None to keep the input grid.
-        mode: interpolation per key (default: bilinear for the first key, nearest for the others).
+        mode: interpolation per key; None: both transforms' default, bilinear for the first key
+            (the image) and nearest for the others (labels).
         kwargs: passed to ``SymmetricAlignd`` (``atlas``, ``on_failure``, ...).
     """
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    if mode is None:
-        mode = ["bilinear"] + ["nearest"] * (len(keys) - 1)
     if not _as_bool(enabled):
         if pixdim is None:
             return Identityd(keys)
