@@ -28,24 +28,54 @@ def samp_mod():
     return bundle_scripts("sats_npc", "sampling")
 
 
-def test_default_network_has_paper_parameter_count(net_mod):
-    net = net_mod.SATSNet()  # the default configuration = configs/train.yaml network_def
-    n = net_mod.count_parameters(net)
-    assert n == 30_972_257
-    assert abs(n / 30.70e6 - 1) < 0.03
-    assert net.feature_channels == 32
-    assert [int(f) for f in net.filters] == [32, 64, 128, 256, 320, 320]
+def test_default_network_is_nnunet_plain_unet_with_the_papers_count(net_mod):
+    import sys
+
+    net = net_mod.SATSUNet()  # the default configuration = configs/train.yaml network_def
+    # nnU-Net's PlainConvUNet for a 56x192x192 patch at 3 mm slices, 2 classes, deep-supervision heads
+    assert net_mod.count_parameters(net) == 30_703_498
+    assert net.feature_channels == 32 and len(net.output_layers) == 5
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(m.affine for m in norms)
+    assert all(m.bias is not None for m in net.modules() if isinstance(m, torch.nn.Conv3d))
+    # only the U-Net module of dynamic-network-architectures is imported: no timm, no torchvision
+    assert "timm" not in sys.modules and "torchvision" not in sys.modules
 
 
-def test_network_forward_one_tensor_and_features(net_mod):
+def test_residual_option_keeps_its_count(net_mod):
+    # the papers' text reading (residual blocks), five down-samplings, two output classes
+    assert net_mod.count_parameters(net_mod.SATSNet()) == 30_972_257 + 33
+    # four down-samplings (configs/backbone_residual4.yaml)
+    four = net_mod.SATSNet(kernel_size=[[3, 3, 1]] + [[3, 3, 3]] * 4, strides=[[1, 1, 1], [2, 2, 1]] + [[2, 2, 2]] * 3,
+                           upsample_kernel_size=[[2, 2, 1]] + [[2, 2, 2]] * 3, filters=[32, 64, 128, 256, 320])
+    assert net_mod.count_parameters(four) == 16_636_290
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_plain_unet_forward_one_tensor_and_deep_supervision_features(net_mod, deep_supervision):
+    torch.manual_seed(0)
+    net = net_mod.SATSUNet(features=[4, 8, 16], kernel_sizes=[[3, 3, 1], [3, 3, 3], [3, 3, 3]],
+                           strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]], deep_supervision=deep_supervision)
+    x = torch.randn(2, 1, 16, 16, 8)
+    out = net(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 2, 16, 16, 8)
+    logits, feats = net.forward_features(x)
+    assert feats.shape == (2, 4, 16, 16, 8)
+    assert torch.allclose(logits[0], out)
+    assert [tuple(o.shape[2:]) for o in logits] == ([(16, 16, 8), (8, 8, 8)] if deep_supervision else [(16, 16, 8)])
+    with pytest.raises(ValueError, match="per stage"):
+        net_mod.SATSUNet(features=[4, 8, 16], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1]] * 3)
+
+
+def test_residual_network_forward_one_tensor_and_features(net_mod):
     torch.manual_seed(0)
     net = net_mod.SATSNet(kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16])
     x = torch.randn(2, 1, 16, 16, 8)
     out = net(x)
-    assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 16, 16, 8)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 2, 16, 16, 8)
     logits, feats = net.forward_features(x)
     assert feats.shape == (2, 4, 16, 16, 8)
-    assert torch.allclose(logits, out)
+    assert len(logits) == 1 and torch.allclose(logits[0], out)
     with pytest.raises(ValueError, match="levels"):
         net_mod.SATSNet(kernel_size=[3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16])
 
@@ -69,7 +99,7 @@ def test_siamese_shares_weights_and_splits_outputs(net_mod):
     x = torch.randn(1, 1, 16, 16, 8)
     xf = torch.flip(x, dims=(2,))
     lo, lof, e, ef = sia(x, xf)
-    assert torch.allclose(lo, bb(x), atol=1e-5) and torch.allclose(lof, bb(xf), atol=1e-5)
+    assert torch.allclose(lo[0], bb(x), atol=1e-5) and torch.allclose(lof[0], bb(xf), atol=1e-5)
     assert e.shape == (1, 16, 16, 16, 8)
     _, _, e2, _ = net_mod.SATSSiamese(bb, None, embed="features")(x, xf)
     assert e2.shape == (1, 4, 16, 16, 8)
@@ -126,24 +156,53 @@ def test_margin_loss_gradient_pushes_asymmetric_apart(loss_mod):
     np.testing.assert_allclose(e.grad[0, :, 0, 0, 0].numpy(), [0.0, 0.0])
 
 
-def test_total_loss_is_dice_bce_plus_beta_margin(loss_mod):
-    from monai.losses import DiceCELoss
+def _soft_dice_ce(logits, label):
+    """Independent nnU-Net-style reference: batch soft Dice of the foreground class + softmax CE."""
+    p = torch.softmax(logits, 1)[:, 1]
+    y = label[:, 0]
+    dice = 1 - (2 * (p * y).sum() + 1e-5) / (p.sum() + y.sum() + 1e-5)
+    ce = torch.nn.functional.cross_entropy(logits, label[:, 0].long())
+    return dice, ce
 
+
+def test_total_loss_is_dice_ce_plus_beta_margin(loss_mod):
     torch.manual_seed(0)
-    lo, lof = torch.randn(2, 1, 4, 4, 2), torch.randn(2, 1, 4, 4, 2)
+    lo, lof = torch.randn(2, 2, 4, 4, 2), torch.randn(2, 2, 4, 4, 2)
     s = (torch.rand(2, 1, 4, 4, 2) > 0.7).float()
     sf = torch.flip(s, dims=(2,))
     e = torch.nn.functional.normalize(torch.randn(2, 16, 4, 4, 2), dim=1)
     ef = torch.nn.functional.normalize(torch.randn(2, 16, 4, 4, 2), dim=1)
     m = ((s > 0) & (sf == 0)).float()
-    out = loss_mod.SATSLoss(beta=1.0)(lo, lof, s, sf, e, ef, m)
-    ref = DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    seg = 0.5 * (ref(lo, s) + ref(lof, sf))
+    loss = loss_mod.SATSLoss(beta=1.0)
+    out = loss(lo, lof, s, sf, e, ef, m)
+    (d1, c1), (d2, c2) = _soft_dice_ce(lo, s), _soft_dice_ce(lof, sf)
+    dice, ce = 0.5 * (d1 + d2), 0.5 * (c1 + c2)
     margin = loss_mod.MarginLoss(20.0)(e, ef, m)
-    assert out["loss"].item() == pytest.approx((seg + margin).item(), rel=1e-5)
-    assert out["margin_loss"].item() > 0
+    assert out["loss"].item() == pytest.approx((dice + ce + margin).item(), rel=1e-5)
+    # the terms are returned and recorded for the stats handlers
+    assert out["dice"].item() == pytest.approx(dice.item(), rel=1e-5) and out["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert loss.terms == pytest.approx({"dice": dice.item(), "ce": ce.item(), "margin": margin.item()}, rel=1e-5)
     out0 = loss_mod.SATSLoss(beta=1.0)(lo, lof, s, sf)  # stage 1: no embeddings
-    assert out0["loss"].item() == pytest.approx(seg.item(), rel=1e-5) and out0["margin_loss"].item() == 0.0
+    assert out0["loss"].item() == pytest.approx((dice + ce).item(), rel=1e-5) and out0["margin"].item() == 0.0
+
+
+def test_deep_supervision_weights_and_downsampled_targets(loss_mod):
+    w = loss_mod.deep_supervision_weights(5)
+    # nnU-Net: 1/2^i, the lowest resolution 0, normalised
+    np.testing.assert_allclose(w, np.array([1, 0.5, 0.25, 0.125, 0]) / 1.875)
+    assert loss_mod.deep_supervision_weights(3, "none") == [1.0, 0.0, 0.0]
+    torch.manual_seed(0)
+    full, half = torch.randn(1, 2, 8, 8, 4), torch.randn(1, 2, 4, 4, 4)
+    s = torch.zeros(1, 1, 8, 8, 4)
+    s[0, 0, 2:6, 2:6, 1:3] = 1
+    out = loss_mod.SATSLoss(beta=0.0)([full, half], [full, half], s, s)
+    # two outputs: weights [1, 0] (the lowest one is 0): only the full-resolution output counts
+    d, c = _soft_dice_ce(full, s)
+    assert out["loss"].item() == pytest.approx((d + c).item(), rel=1e-5)
+    quarter = torch.randn(1, 2, 2, 2, 4)
+    out3 = loss_mod.SATSLoss(beta=0.0)([full, half, quarter], [full, half, quarter], s, s)
+    d2, c2 = _soft_dice_ce(half, torch.nn.functional.interpolate(s, size=(4, 4, 4), mode="nearest-exact"))
+    assert out3["loss"].item() == pytest.approx(((d + c) * 2 / 3 + (d2 + c2) / 3).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("affine", [LPS, PERMUTED])
@@ -205,10 +264,11 @@ def _train_pipeline(tmp_path, align: bool):
     cfg = BUNDLES_DIR / "sats_npc" / "configs"
     parser = ConfigParser()
     parser.read_config([str(cfg / "train.yaml"), str(cfg / "quick.yaml")])
-    parser.update({"symmetric_align": align, "dataset_dir": str(tmp_path)})
+    # the HU window keeps this test free of a fingerprint file; it is about the registration
+    parser.update({"symmetric_align": align, "dataset_dir": str(tmp_path), "normalization": "window"})
     from monai.transforms import Compose
 
-    return Compose(parser.get_parsed_content("train#deterministic_transforms"))
+    return Compose(parser.get_parsed_content("common_transforms") + parser.get_parsed_content("train#deterministic_transforms"))
 
 
 @pytest.mark.slow
@@ -253,6 +313,13 @@ def test_mirror_tta_inferer_flips_along_affine_lr_axis():
     torch.testing.assert_close(torch.as_tensor(plain), torch.sigmoid(net(x.as_tensor())).detach())
     with pytest.raises(ValueError):
         inf_mod.MirrorTTAInferer(SimpleInferer(), mirror_tta=True, output="logits")
+    # two output channels: softmax probabilities, averaged over the image and its mirror
+    net2 = torch.nn.Conv3d(1, 2, 3, padding=1)
+    with torch.no_grad():
+        out2 = inf_mod.MirrorTTAInferer(SimpleInferer(), mirror_tta=True)(x, net2)
+        ref2 = 0.5 * (torch.softmax(net2(x.as_tensor()), 1) + torch.flip(torch.softmax(net2(torch.flip(x.as_tensor(), dims=(4,))), 1), dims=(4,)))
+    torch.testing.assert_close(torch.as_tensor(out2), ref2)
+    torch.testing.assert_close(torch.as_tensor(out2).sum(1), torch.ones(1, 6, 5, 4))
 
 
 def test_split_datalist_reproducible_and_disjoint():

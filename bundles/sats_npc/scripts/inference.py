@@ -14,16 +14,17 @@ __all__ = ["MirrorTTAInferer"]
 class MirrorTTAInferer(Inferer):
     """Wrap an inferer (e.g. ``SlidingWindowInferer``) with optional left-right mirror TTA.
 
-    With ``mirror_tta`` the output is the mean of ``sigmoid(f(x))`` and ``flip(sigmoid(f(flip(x))))``,
-    flipping along the left-right axis read from the input's affine; without it the output is
-    ``f(x)`` (``output="logits"``) or ``sigmoid(f(x))`` (``output="prob"``). With TTA the output is always
-    probabilities, so the post-processing must not apply a sigmoid again: use ``output="prob"``
+    With ``mirror_tta`` the output is the mean of ``act(f(x))`` and ``flip(act(f(flip(x))))``,
+    flipping along the left-right axis read from the input's affine, where ``act`` is the softmax over
+    the channels (two or more output channels) or the sigmoid (one channel); without it the output is
+    ``f(x)`` (``output="logits"``) or ``act(f(x))`` (``output="prob"``). With TTA the output is always
+    probabilities, so the post-processing must not apply an activation again: use ``output="prob"``
     in both cases to keep one post-processing.
 
     Args:
         inferer: the wrapped inferer.
         mirror_tta: enable the mirror test-time augmentation.
-        output: ``"prob"`` (sigmoid probabilities) or ``"logits"`` (only without TTA).
+        output: ``"prob"`` (probabilities) or ``"logits"`` (only without TTA).
         lr: fixed left-right spatial axis (0..2); None reads it from the MetaTensor input's affine.
 
     Shapes:
@@ -54,10 +55,14 @@ class MirrorTTAInferer(Inferer):
             return 2 + axes.pop()
         return 2 + lr_axis(aff)
 
+    @staticmethod
+    def _prob(logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         out = self.inferer(inputs, network, *args, **kwargs)
         if not self.mirror_tta:
-            return torch.sigmoid(out) if self.output == "prob" else out
+            return self._prob(out) if self.output == "prob" else out
         axis = self._axis(inputs)
         out_f = self.inferer(torch.flip(inputs, dims=(axis,)), network, *args, **kwargs)
-        return 0.5 * (torch.sigmoid(out) + torch.flip(torch.sigmoid(out_f), dims=(axis,)))
+        return 0.5 * (self._prob(out) + torch.flip(self._prob(out_f), dims=(axis,)))

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
 
-__all__ = ["MarginLoss", "SATSLoss"]
+from npc_gtv.learning import DiceCETermsLoss, TermsMixin
+
+__all__ = ["MarginLoss", "SATSLoss", "deep_supervision_weights"]
 
 
 class MarginLoss(nn.Module):
@@ -88,43 +90,95 @@ class MarginLoss(nn.Module):
         return loss
 
 
-class SATSLoss(nn.Module):
-    """Total SATS loss ``Dice + BCE + beta * margin`` on an image / mirror pair.
+def deep_supervision_weights(n: int, scheme: str = "nnunet") -> list[float]:
+    """Weights of ``n`` deep-supervision outputs (full resolution first).
+
+    ``"nnunet"``: ``1 / 2**i``, the lowest resolution weighted 0, normalised to sum 1 (nnU-Net's
+    ``nnUNetTrainer._build_loss``); ``"none"``: the full-resolution output only (``[1, 0, ...]``).
+    """
+    if n < 1:
+        raise ValueError(f"need at least one output, got {n}")
+    if scheme not in ("nnunet", "none"):
+        raise ValueError(f"deep supervision scheme must be 'nnunet' or 'none', got {scheme!r}")
+    if scheme == "none" or n == 1:
+        return [1.0] + [0.0] * (n - 1)
+    w = [1.0 / (2**i) for i in range(n)]
+    w[-1] = 0.0
+    total = sum(w)
+    return [v / total for v in w]
+
+
+def _resize_label(label: torch.Tensor, size) -> torch.Tensor:
+    if tuple(label.shape[2:]) == tuple(size):
+        return label
+    return F.interpolate(label.float(), size=tuple(size), mode="nearest-exact")
+
+
+class SATSLoss(TermsMixin, nn.Module):
+    """Total SATS loss ``Dice + CE + beta * margin`` on an image / mirror pair, with deep supervision.
 
     The segmentation term is computed on both branches (I with s, I' with s') and averaged, since
-    the Siamese network is trained on the original and the flipped CT.
+    the Siamese network is trained on the original and the flipped CT. With two or more output
+    channels it is nnU-Net's: softmax Dice over the foreground classes (batch Dice, smooth 1e-5) plus
+    softmax cross-entropy; with one channel, sigmoid Dice plus binary cross-entropy. Deep-supervision
+    outputs are weighted with :func:`deep_supervision_weights` against the label resized (nearest)
+    to each output.
 
     Args:
         beta: weight of the margin loss (papers: 1; 0 disables it, stage 1).
         margin: ``t`` of :class:`MarginLoss`.
         form: margin-loss form, ``"intent"`` or ``"printed"``.
         reduction: margin-loss reduction.
+        deep_supervision: ``"nnunet"`` (nnU-Net's weights) or ``"none"`` (full resolution only).
 
     Returns:
-        ``forward`` returns a dict with ``loss``, ``seg_loss`` and ``margin_loss`` (scalars).
+        ``forward`` returns a dict with ``loss`` (for backward) and the detached terms ``dice``, ``ce``
+        and ``margin``; the terms are also recorded in ``self.terms`` for logging.
     """
 
-    def __init__(self, beta: float = 1.0, margin: float = 20.0, form: str = "intent", reduction: str = "balanced"):
+    term_names = ("dice", "ce", "margin")
+
+    def __init__(self, beta: float = 1.0, margin: float = 20.0, form: str = "intent", reduction: str = "balanced", deep_supervision: str = "nnunet"):
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        deep_supervision_weights(1, deep_supervision)  # validates the scheme
         self.beta = float(beta)
-        # sigmoid Dice (batch-wise, smooth 1e-5) + binary cross-entropy with logits, weights 1 and 1
-        self.seg = DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.deep_supervision = deep_supervision
+        self.seg_softmax = DiceCETermsLoss(softmax=True, to_onehot_y=True, include_background=False, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.seg_sigmoid = DiceCETermsLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
         self.margin = MarginLoss(margin=margin, form=form, reduction=reduction)
+
+    def _seg(self, logits, label) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = list(logits) if isinstance(logits, (list, tuple)) else [logits]
+        weights = deep_supervision_weights(len(outputs), self.deep_supervision)
+        dice = ce = outputs[0].new_zeros(())
+        for w, out in zip(weights, outputs):
+            if w == 0:
+                continue
+            fn = self.seg_sigmoid if out.shape[1] == 1 else self.seg_softmax
+            d, c = fn.dice_ce(out, _resize_label(label, out.shape[2:]))
+            dice = dice + w * d
+            ce = ce + w * c
+        return dice, ce
 
     def forward(self, logits, logits_flipped, label, label_flipped, emb=None, emb_flipped=None, asym=None) -> dict:
         """Args:
-            logits, logits_flipped: ``(B, 1, X, Y, Z)`` network outputs for I and I'.
+            logits, logits_flipped: network outputs for I and I': ``(B, C, X, Y, Z)`` tensors or lists of
+                deep-supervision outputs (full resolution first).
             label, label_flipped: ``(B, 1, X, Y, Z)`` masks s and s'.
             emb, emb_flipped: ``(B, E, X, Y, Z)`` embeddings or None (no margin term).
             asym: ``(B, 1, X, Y, Z)`` asymmetric mask m.
         """
-        seg = 0.5 * (self.seg(logits, label.float()) + self.seg(logits_flipped, label_flipped.float()))
+        d1, c1 = self._seg(logits, label)
+        d2, c2 = self._seg(logits_flipped, label_flipped)
+        dice, ce = 0.5 * (d1 + d2), 0.5 * (c1 + c2)
+        seg = dice + ce
         if emb is not None and self.beta > 0:
             if asym is None:
                 raise ValueError("the margin loss needs the asymmetric mask `asym`")
             margin = self.margin(emb, emb_flipped, asym)
         else:
             margin = seg.new_zeros(())
-        return {"loss": seg + self.beta * margin, "seg_loss": seg.detach(), "margin_loss": margin.detach()}
+        self.record(dice=dice, ce=ce, margin=margin)
+        return {"loss": seg + self.beta * margin, "dice": dice.detach(), "ce": ce.detach(), "margin": margin.detach()}

@@ -3,8 +3,9 @@
 Each batch holds the patch of the image ``I``, of its left-right mirror ``I'`` (the mirrored volume
 cropped with the same box, see ``scripts.sampling``), the two masks ``s``, ``s'`` and the
 asymmetric mask ``m``. The shared encoder-decoder sees ``I`` and ``I'`` in one forward pass; the loss
-is :class:`scripts.losses.SATSLoss`. ``engine.state.output`` carries ``loss``, ``seg_loss`` and
-``margin_loss`` (floats for the stats handlers) besides image / label / pred.
+is :class:`scripts.losses.SATSLoss`, which records its terms (Dice, cross-entropy, margin) for the
+stats handlers (``npc_gtv.learning.LossTermsOutput`` / ``loss_term_metrics``). ``engine.state.output``
+carries ``loss`` and image / label / pred (the full-resolution logits of ``I``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ class SATSTrainer(SupervisedTrainer):
             ``network(image, image_flipped)`` and returning ``(logits, logits_flipped, emb, emb_flipped)``.
         loss_function: a :class:`scripts.losses.SATSLoss`.
         image_key, label_key, asym_key, flipped_suffix: batch keys (defaults match ``LRFlipPaird``).
+        grad_clip: clip the gradient norm to this value before each step (nnU-Net: 12); None: off.
         kwargs: everything else of :class:`SupervisedTrainer` (device, max_epochs, train_data_loader,
             optimizer, amp, train_handlers, ...).
     """
 
     def __init__(self, *args, image_key: str = "image", label_key: str = "label", asym_key: str = "asym_mask",
-                 flipped_suffix: str = "_flipped", **kwargs):
+                 flipped_suffix: str = "_flipped", grad_clip: float | None = None, **kwargs):
+        if grad_clip is not None and float(grad_clip) <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
         super().__init__(*args, **kwargs)
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
         self.image_key = image_key
         self.label_key = label_key
         self.asym_key = asym_key
@@ -58,12 +63,10 @@ class SATSTrainer(SupervisedTrainer):
 
         def _compute():
             logits, logits_f, emb, emb_f = engine.network(image, image_f)
-            engine.state.output[Keys.PRED] = logits
+            engine.state.output[Keys.PRED] = logits[0] if isinstance(logits, (list, tuple)) else logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             terms = engine.loss_function(logits, logits_f, label, label_f, emb, emb_f, asym)
             engine.state.output[Keys.LOSS] = terms["loss"]
-            engine.state.output["seg_loss"] = float(terms["seg_loss"])
-            engine.state.output["margin_loss"] = float(terms["margin_loss"])
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         engine.network.train()
@@ -73,12 +76,17 @@ class SATSTrainer(SupervisedTrainer):
                 _compute()
             engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if self.grad_clip is not None:
+                engine.scaler.unscale_(engine.optimizer)
+                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
             _compute()
             engine.state.output[Keys.LOSS].backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
