@@ -23,8 +23,9 @@ time, and every bundle handles them the same way:
 * **Every loss term visible.** Losses record their terms (Dice, cross-entropy, margin, pretext
   cross-entropies, ...) in ``loss.terms`` each iteration (:class:`TermsMixin`);
   :class:`LossTermsOutput` makes the stats / TensorBoard handlers print every term per iteration
-  and :func:`loss_term_metrics` adds their epoch means to ``engine.state.metrics``, which the
-  console, TensorBoard and MLflow handlers (``--tracking mlflow``) all log at epoch level.
+  and the :class:`LossTermMetrics` handler adds their epoch means to ``engine.state.metrics``
+  (``train_<term>``), which the console, TensorBoard and MLflow handlers (``--tracking mlflow``)
+  all log at epoch level.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "LossTermsOutput",
     "LossTermAverage",
     "loss_term_metrics",
+    "LossTermMetrics",
 ]
 
 
@@ -351,3 +353,23 @@ def loss_term_metrics(loss: Any, prefix: str = "train_") -> dict:
     if not names:
         raise ValueError(f"{type(loss).__name__} declares no term_names; use a loss with TermsMixin")
     return {f"{prefix}{name}": LossTermAverage(loss, name) for name in names}
+
+
+class LossTermMetrics:
+    """Ignite handler: attach the epoch mean of every term of ``loss`` as a metric ``<prefix><term>``.
+
+    A handler rather than ``additional_metrics`` because MONAI engines attach additional metrics
+    only together with a key metric. List it before the stats / TensorBoard handlers in
+    ``train#handlers`` so the means are ready when they log the epoch.
+
+    Args:
+        loss: a loss with :class:`TermsMixin` (``term_names`` and ``terms``).
+        prefix: metric name prefix.
+    """
+
+    def __init__(self, loss: Any, prefix: str = "train_"):
+        self.metrics = loss_term_metrics(loss, prefix)
+
+    def attach(self, engine) -> None:
+        for name, metric in self.metrics.items():
+            metric.attach(engine, name)
