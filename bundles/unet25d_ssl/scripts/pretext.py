@@ -19,7 +19,10 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from ignite.metrics import Metric
 from monai.transforms import MapTransform, Randomizable, Transform
+
+from npc_gtv.learning import TermsMixin
 
 __all__ = [
     "ROTATIONS",
@@ -32,6 +35,7 @@ __all__ = [
     "PretextLoss",
     "prepare_pretext_batch",
     "pretext_accuracy",
+    "PretextAccuracy",
 ]
 
 # (dims of a (C, X, Y, Z) array rotated by torch.rot90, number of quarter turns)
@@ -198,12 +202,16 @@ class PretextSamplesd(Randomizable, MapTransform):
         return [{**keep, **s} for s in samples]
 
 
-class PretextLoss(nn.Module):
+class PretextLoss(TermsMixin, nn.Module):
     """``alpha * CE(rpl_logits, rpl_label) + (1 - alpha) * CE(rot_logits, rot_label)``.
 
     ``forward(preds, targets)`` with ``preds = (rot_logits (B, 10), rpl_logits (B, 26))`` and
-    ``targets = (rot_label (B,), rpl_label (B,))``; returns a scalar.
+    ``targets = (rot_label (B,), rpl_label (B,))``; returns a scalar. Records the two cross-entropies
+    and the batch accuracies in ``terms`` (``rot_ce``, ``rpl_ce``, ``rot_acc``, ``rpl_acc``; chance
+    accuracy is 1/10 and 1/26).
     """
+
+    term_names = ("rot_ce", "rpl_ce", "rot_acc", "rpl_acc")
 
     def __init__(self, alpha: float = 0.5):
         super().__init__()
@@ -215,7 +223,10 @@ class PretextLoss(nn.Module):
     def forward(self, preds, targets) -> torch.Tensor:
         rot_logits, rpl_logits = preds
         rot_label, rpl_label = targets
-        return self.alpha * self.ce(rpl_logits, rpl_label) + (1.0 - self.alpha) * self.ce(rot_logits, rot_label)
+        rot, rpl = self.ce(rot_logits, rot_label), self.ce(rpl_logits, rpl_label)
+        self.record(rot_ce=rot, rpl_ce=rpl, rot_acc=(rot_logits.argmax(1) == rot_label).float().mean(),
+                    rpl_acc=(rpl_logits.argmax(1) == rpl_label).float().mean())
+        return self.alpha * rpl + (1.0 - self.alpha) * rot
 
 
 def prepare_pretext_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):
@@ -236,3 +247,74 @@ def pretext_accuracy(output) -> tuple[float, float]:
     rot = (rot_logits.argmax(1) == rot_label).float().mean().item()
     rpl = (rpl_logits.argmax(1) == rpl_label).float().mean().item()
     return rot, rpl
+
+
+class _TaskOutput:
+    """Engine output (``decollate=False``) -> ``(logits (B, K), label (B,))`` of one pretext head."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, output):
+        return output["pred"][self.index], output["label"][self.index]
+
+
+class PretextAccuracy(Metric):
+    """Ignite metric: accuracy of one pretext head (``task`` ``"rot"`` or ``"rpl"``) over an epoch.
+
+    Reads ``pred = (rot_logits, rpl_logits)`` and ``label = (rot_label, rpl_label)`` of an engine run
+    with ``decollate=False`` and ``prepare_pretext_batch``.
+    """
+
+    def __init__(self, task: str = "rot", device="cpu"):
+        if task not in ("rot", "rpl"):
+            raise ValueError(f"task must be 'rot' or 'rpl', got {task!r}")
+        super().__init__(output_transform=_TaskOutput(0 if task == "rot" else 1), device=device)
+
+    def reset(self) -> None:
+        self._correct = 0
+        self._total = 0
+
+    def update(self, output) -> None:
+        logits, label = output
+        label = torch.as_tensor(label).detach().reshape(-1)
+        self._correct += int((logits.detach().argmax(1).cpu() == label.cpu()).sum())
+        self._total += int(label.numel())
+
+    def compute(self) -> float:
+        counts = torch.tensor([self._correct, self._total], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        return float(counts[0] / counts[1]) if counts[1] else float("nan")
+
+
+def save_pretext_report(evaluator, path, samples_per_volume: int = 1) -> dict:
+    """Run ``evaluator`` (the held-out pretext evaluation of ``pretrain.yaml``) and write its accuracies.
+
+    Writes ``{"rot_acc", "rpl_acc", "rot_chance": 0.1, "rpl_chance": 1/26, "samples"}`` as JSON to
+    ``path`` (rank 0 only, atomically) and prints them next to chance, so the encoder that the
+    segmentation training freezes is known to have learnt the pretext tasks.
+    """
+    import json
+
+    from npc_gtv.training import is_rank0
+    from shared_transforms.io import atomic_write
+
+    evaluator.run()
+    metrics = evaluator.state.metrics
+    report = {
+        "rot_acc": float(metrics.get("val_rot_acc", float("nan"))),
+        "rpl_acc": float(metrics.get("val_rpl_acc", float("nan"))),
+        "rot_chance": 1.0 / len(ROTATIONS),
+        "rpl_chance": 1.0 / len(RPL_OFFSETS),
+        "samples": int(len(evaluator.data_loader.dataset)) * int(samples_per_volume),
+    }
+    if is_rank0():
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+        print(
+            f"pretext accuracy on held-out volumes ({report['samples']} samples): rotation {report['rot_acc']:.3f} "
+            f"(chance {report['rot_chance']:.3f}), relative patch location {report['rpl_acc']:.3f} (chance {report['rpl_chance']:.3f})",
+            flush=True,
+        )
+    return report

@@ -1,7 +1,7 @@
 """Workflow helpers of the UNet-2.5D bundle: step decay, training all five scales, ensemble assembly.
 
 * :func:`step_decay` -- the paper's schedule: Adam at 1e-3 with a decay of ``1e-4`` every 150
-  epochs. The paper's sentence ("decay factor of 1e-4 for every 150 epochs") has two readings:
+  epochs (stepped every iteration, so the step size is 150 epochs of ``epoch_length`` iterations). The paper's sentence ("decay factor of 1e-4 for every 150 epochs") has two readings:
   ``mode="subtract"`` (default) lowers the rate by 1e-4 every 150 epochs (1e-3, 9e-4, ... 5e-4 at
   epoch 750), which keeps training meaningful for all 900 epochs; ``mode="multiply"`` multiplies it
   by the factor (1e-3 -> 1e-7 after 150 epochs, i.e. training effectively stops there).
@@ -41,34 +41,36 @@ __all__ = [
 
 
 class StepDecay:
-    """Learning-rate factor ``f(epoch)`` for ``torch.optim.lr_scheduler.LambdaLR`` (picklable).
+    """Learning-rate factor ``f(step)`` for ``torch.optim.lr_scheduler.LambdaLR`` (picklable).
 
     Args:
         base_lr: initial learning rate (1e-3).
-        step_epochs: epochs between decays (150).
+        step_size: scheduler steps between decays: the paper's 150 epochs times the epoch length
+            when the scheduler is stepped every iteration (as the configs do), or 150 when stepped
+            every epoch.
         decay: the paper's decay value (1e-4).
-        mode: ``"subtract"``: ``lr = base_lr - decay * floor(epoch / step_epochs)`` (floored at
+        mode: ``"subtract"``: ``lr = base_lr - decay * floor(step / step_size)`` (floored at
             ``min_fraction * base_lr``); ``"multiply"``: ``lr = base_lr * decay ** floor(...)``.
         min_fraction: lower bound of the factor in ``subtract`` mode.
     """
 
-    def __init__(self, base_lr: float = 1e-3, step_epochs: int = 150, decay: float = 1e-4, mode: str = "subtract", min_fraction: float = 0.01):
+    def __init__(self, base_lr: float = 1e-3, step_size: int = 150, decay: float = 1e-4, mode: str = "subtract", min_fraction: float = 0.01):
         if mode not in ("subtract", "multiply"):
             raise ValueError(f"mode must be 'subtract' or 'multiply', got {mode!r}")
-        if step_epochs < 1 or base_lr <= 0 or decay < 0:
-            raise ValueError(f"need step_epochs >= 1, base_lr > 0, decay >= 0 (got {step_epochs}, {base_lr}, {decay})")
-        self.base_lr, self.step_epochs, self.decay, self.mode, self.min_fraction = float(base_lr), int(step_epochs), float(decay), mode, float(min_fraction)
+        if step_size < 1 or base_lr <= 0 or decay < 0:
+            raise ValueError(f"need step_size >= 1, base_lr > 0, decay >= 0 (got {step_size}, {base_lr}, {decay})")
+        self.base_lr, self.step_size, self.decay, self.mode, self.min_fraction = float(base_lr), int(step_size), float(decay), mode, float(min_fraction)
 
-    def __call__(self, epoch: int) -> float:
-        k = int(epoch) // self.step_epochs
+    def __call__(self, step: int) -> float:
+        k = int(step) // self.step_size
         if self.mode == "multiply":
             return self.decay**k
         return max(self.min_fraction, 1.0 - self.decay * k / self.base_lr)
 
 
-def step_decay(optimizer, base_lr: float = 1e-3, step_epochs: int = 150, decay: float = 1e-4, mode: str = "subtract"):
-    """``LambdaLR`` with :class:`StepDecay`; step it once per epoch (``LrScheduleHandler(epoch_level=True)``)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, StepDecay(base_lr, step_epochs, decay, mode))
+def step_decay(optimizer, base_lr: float = 1e-3, step_size: int = 150, decay: float = 1e-4, mode: str = "subtract"):
+    """``LambdaLR`` with :class:`StepDecay` (``step_size`` in scheduler steps: iterations in the configs)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, StepDecay(base_lr, step_size, decay, mode))
 
 
 def scale_dir(ckpt_dir, scale) -> str:
