@@ -132,7 +132,7 @@ def _logits_example():
 
 def test_cr_loss_hand_computed(losses):
     logits, target = _logits_example()
-    terms = losses.CRLoss(alpha=0.1, smooth=0.0).terms(logits, target)
+    terms = losses.CRLoss(alpha=0.1, smooth=0.0).compute_terms(logits, target)
     dice_bg = 2 * 0.75 / (1.25 + 1.0)
     dice_fg = 2 * 0.5 / (0.75 + 1.0)
     dice = 1 - (dice_bg + dice_fg) / 2
@@ -144,7 +144,7 @@ def test_cr_loss_hand_computed(losses):
     assert terms["loss"].item() == pytest.approx(dice + 0.9 * ce + 0.1 * eps, abs=1e-6)
     assert terms["loss"].item() == pytest.approx(0.898832, abs=1e-5)
     # paper eq. 7 literally divides the cross-entropy by K
-    eq7 = losses.CRLoss(alpha=0.1, smooth=0.0, ce_normalisation="eq7").terms(logits, target)
+    eq7 = losses.CRLoss(alpha=0.1, smooth=0.0, ce_normalisation="eq7").compute_terms(logits, target)
     assert eq7["ce"].item() == pytest.approx(ce / 2, abs=1e-6)
     # alpha = 0 is Dice + CE
     assert losses.DiceCELoss2d(smooth=0.0)(logits, target).item() == pytest.approx(dice + ce, abs=1e-6)
@@ -156,7 +156,7 @@ def test_cr_loss_uniform_prediction_and_onehot_target(losses):
     target[0, 0, 1, 1] = 1
     loss = losses.CRLoss(alpha=0.1, smooth=0.0)
     # uniform p: CE = epsilon = log 2 whatever the target
-    t = loss.terms(logits, target)
+    t = loss.compute_terms(logits, target)
     assert t["ce"].item() == pytest.approx(math.log(2), abs=1e-6)
     assert t["epsilon"].item() == pytest.approx(math.log(2), abs=1e-6)
     onehot = torch.cat([1 - target, target], dim=1)

@@ -43,7 +43,7 @@ from monai.transforms import (
 )
 
 from shared_transforms.checks import CheckImaged, SafeLoadImaged
-from shared_transforms.intensity import HUWindowd
+from shared_transforms.intensity import CTNormalized, HUWindowd
 from shared_transforms.io import InputError
 from shared_transforms.spatial import BodyCropd
 
@@ -59,6 +59,7 @@ def volume_transforms(
     body_threshold: float = -500.0,
     body_erosion: int = 2,
     load: bool = True,
+    fingerprint=None,
 ) -> Compose:
     """3D pre-processing of the HCF paper (see the module docstring).
 
@@ -71,6 +72,8 @@ def volume_transforms(
         body_erosion: erosion iterations before the largest component.
         load: start with ``LoadImaged`` + ``EnsureChannelFirstd`` (False when the data are already
             channel-first MetaTensors).
+        fingerprint: None (the HU window) or an intensity fingerprint (dict or JSON path): nnU-Net's
+            CT normalisation instead of the window (``shared_transforms.intensity.CTNormalized``).
 
     Returns:
         a ``Compose`` mapping ``{"image": path, ...}`` to ``(1, resize, resize, Z')`` tensors.
@@ -93,7 +96,8 @@ def volume_transforms(
     steps += [
         Orientationd(keys=keys, axcodes="RAS"),
         BodyCropd(keys=keys, source_key="image", threshold=body_threshold, erosion_iterations=body_erosion),
-        HUWindowd(keys="image", a_min=float(hu_window[0]), a_max=float(hu_window[1])),
+        HUWindowd(keys="image", a_min=float(hu_window[0]), a_max=float(hu_window[1])) if fingerprint is None
+        else CTNormalized(keys="image", fingerprint=fingerprint),
         Resized(keys=keys, spatial_size=(int(resize), int(resize), -1), mode=modes, anti_aliasing=False),
         EnsureTyped(keys=keys, dtype=[torch.float32] + [torch.uint8] * (len(keys) - 1), track_meta=True),
     ]

@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CRLoss", "DiceCELoss2d"]
+from npc_gtv.learning import TermsMixin
+
+__all__ = ["CRLoss", "DiceCELoss2d", "CrossEntropyTermsLoss"]
 
 
 def _one_hot_target(target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -40,7 +42,7 @@ def _one_hot_target(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(idx, num_classes).permute(0, 3, 1, 2).float()
 
 
-class CRLoss(nn.Module):
+class CRLoss(TermsMixin, nn.Module):
     """Combined Regularisation loss (Dice + (1 - alpha) CE + alpha * epsilon).
 
     Args:
@@ -54,8 +56,10 @@ class CRLoss(nn.Module):
 
     Shapes:
         ``input (B, K, H, W)`` logits, ``target (B, 1, H, W)`` class indices (or one-hot
-        ``(B, K, H, W)``) -> scalar.
+        ``(B, K, H, W)``) -> scalar. Each call records ``dice``, ``ce`` and ``epsilon`` in ``terms``.
     """
+
+    term_names = ("dice", "ce", "epsilon")
 
     def __init__(self, alpha: float = 0.1, smooth: float = 1e-5, batch_dice: bool = False, ce_normalisation: str = "standard", use_dice: bool = True, use_ce: bool = True):
         super().__init__()
@@ -74,7 +78,7 @@ class CRLoss(nn.Module):
         self.use_dice = bool(use_dice)
         self.use_ce = bool(use_ce)
 
-    def terms(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute_terms(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """The separate terms ``dice``, ``ce``, ``epsilon`` and the total ``loss`` (all scalars)."""
         if input.ndim != 4:
             raise ValueError(f"input must be (B, K, H, W) logits, got shape {tuple(input.shape)}")
@@ -100,7 +104,9 @@ class CRLoss(nn.Module):
         return {"dice": dice, "ce": ce, "epsilon": eps, "loss": loss}
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.terms(input, target)["loss"]
+        t = self.compute_terms(input, target)
+        self.record(dice=t["dice"], ce=t["ce"], epsilon=t["epsilon"])
+        return t["loss"]
 
 
 class DiceCELoss2d(CRLoss):
@@ -108,3 +114,14 @@ class DiceCELoss2d(CRLoss):
 
     def __init__(self, smooth: float = 1e-5, batch_dice: bool = False, ce_normalisation: str = "standard"):
         super().__init__(alpha=0.0, smooth=smooth, batch_dice=batch_dice, ce_normalisation=ce_normalisation)
+
+
+class CrossEntropyTermsLoss(TermsMixin, nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss`` (the slice classifier's loss) that records its value as ``terms["ce"]``."""
+
+    term_names = ("ce",)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = super().forward(input, target)
+        self.record(ce=loss)
+        return loss
