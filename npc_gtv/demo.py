@@ -1,10 +1,13 @@
 """``npc-gtv demo``: the README's main job on the embedded phantom data.
 
 It generates a small CT phantom set, draws what the shared transforms do (image, its left-right
-mirror and the asymmetric tumour mask), then runs each bundle's reduced-size recipe
-(training -> inference -> evaluation) through ``python -m monai.bundle run`` exactly as a user
-would, and prints Dice and HD95 per bundle. A bundle whose folder or quick configuration is
-missing is reported as not implemented.
+mirror and the asymmetric tumour mask), then runs every bundle's own recipe -- the workflow steps
+listed under ``"recipe"`` in the bundle's ``configs/metadata.json`` -- through
+``python -m monai.bundle run`` exactly as a user would, with the bundle's ``configs/demo.yaml``
+(a short schedule and a reduced network that learn the phantom tumour in a few minutes) merged
+last. It prints Dice and HD95 per bundle and draws ``figures/demo_overview.png``: one row per
+bundle, axial, coronal and sagittal planes through the tumour of a test case with the truth and
+the prediction. Nothing in here knows a particular bundle.
 """
 
 from __future__ import annotations
@@ -19,55 +22,71 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = ("sats_npc", "unet25d_ssl", "hcf_sanet")
+__all__ = ["Step", "bundle_recipe", "bundle_command", "find_bundles", "draw_transforms_figure",
+           "draw_overview_figure", "run_bundle_recipe", "demo_command"]
+
+DEMO_CONFIG = "demo.yaml"
 
 
 @dataclass
 class Step:
-    """One ``monai.bundle run`` call: workflow name, config files (in ``configs/``) and overrides."""
+    """One ``monai.bundle run`` call: a name, the workflow, config files (in ``configs/``) and overrides."""
 
+    name: str
     workflow: str
     configs: list[str]
     overrides: dict = field(default_factory=dict)
-    launcher: str = "python"
 
 
-# the reduced-size recipe of each bundle; every step also gets dataset_dir / ckpt_dir / output_dir
-RECIPES: dict[str, list[Step]] = {
-    "sats_npc": [
-        Step("training", ["train.yaml", "quick.yaml"]),
-        Step("training", ["train.yaml", "train_stage2.yaml", "quick.yaml"]),
-        Step("evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"]),
-    ],
-    "unet25d_ssl": [
-        Step("pretraining", ["pretrain.yaml", "quick.yaml"]),
-        Step("training", ["train.yaml", "quick.yaml"]),
-        Step("evaluating", ["train.yaml", "evaluate.yaml", "quick.yaml"]),
-    ],
-    "hcf_sanet": [
-        Step("training", ["train.yaml", "train_classifier.yaml", "quick.yaml"]),
-        Step("training", ["train.yaml", "quick.yaml"]),
-        Step("evaluating", ["inference.yaml", "evaluate.yaml", "quick.yaml"]),
-    ],
-}
+def find_bundles(root: Path | None = None) -> dict[str, Path]:
+    """The bundles of this installation: ``{name: folder}`` for every ``bundles/<name>/configs/metadata.json``.
+
+    Args:
+        root: folder holding the bundle folders; default: ``NPC_GTV_BUNDLES`` or the repository's ``bundles/``.
+    """
+    if root is None:
+        root = Path(os.environ.get("NPC_GTV_BUNDLES", Path(__file__).resolve().parents[1] / "bundles"))
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"npc-gtv demo: no bundle folder at {root} (set NPC_GTV_BUNDLES to the folder that holds the bundles)")
+    return {p.parent.parent.name: p.parent.parent for p in sorted(root.glob("*/configs/metadata.json"))}
 
 
-def bundle_command(bundle_dir: Path, step: Step, overrides: dict) -> list[str]:
-    """The ``python -m monai.bundle run`` command line of one recipe step."""
-    cfg = bundle_dir / "configs"
-    files = [str(cfg / c) for c in step.configs]
+def bundle_recipe(bundle_dir: Path) -> list[Step]:
+    """The workflow steps a bundle declares in ``configs/metadata.json`` under ``"recipe"``.
+
+    Each entry is ``{"name", "workflow", "configs": [...]}`` (config files of ``configs/``, merged in
+    order), optionally ``"overrides": {key: value}``.
+
+    Raises:
+        ValueError: no recipe, or an entry without a workflow or configs, or a missing config file.
+    """
+    meta_file = Path(bundle_dir) / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    entries = meta.get("recipe")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{meta_file}: no 'recipe' list of workflow steps")
+    steps = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not e.get("workflow") or not e.get("configs"):
+            raise ValueError(f"{meta_file}: recipe step {i} needs 'workflow' and 'configs', got {e!r}")
+        missing = [c for c in e["configs"] if not (Path(bundle_dir) / "configs" / c).is_file()]
+        if missing:
+            raise ValueError(f"{meta_file}: recipe step {i} names missing config files {missing}")
+        steps.append(Step(str(e.get("name", e["workflow"])), str(e["workflow"]), list(e["configs"]), dict(e.get("overrides", {}))))
+    return steps
+
+
+def bundle_command(bundle_dir: Path, step: Step, overrides: dict, extra_configs: list[str] = ()) -> list[str]:
+    """The ``python -m monai.bundle run`` command line of one recipe step (``extra_configs`` merged last)."""
+    cfg = Path(bundle_dir) / "configs"
+    files = [str(cfg / c) for c in [*step.configs, *extra_configs]]
     cmd = [sys.executable, "-m", "monai.bundle", "run", step.workflow,
            "--config_file", json.dumps(files) if len(files) > 1 else files[0],
            "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf")]
     for key, value in {**overrides, **step.overrides}.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return cmd
-
-
-def _missing_parts(bundle_dir: Path, recipe: list[Step]) -> list[str]:
-    needed = {c for step in recipe for c in step.configs} | {"metadata.json", "logging.conf"}
-    return sorted(c for c in needed if not (bundle_dir / "configs" / c).is_file())
 
 
 def draw_transforms_figure(dataset_json: Path, out_png: Path) -> Path:
@@ -112,35 +131,118 @@ def draw_transforms_figure(dataset_json: Path, out_png: Path) -> Path:
     return out_png
 
 
-def run_bundle_recipe(bundle: str, dataset_dir: Path, work: Path, log) -> dict:
-    """Run one bundle's recipe; returns a result row for the summary table."""
-    bundle_dir = REPO_ROOT / "bundles" / bundle
-    recipe = RECIPES[bundle]
-    if not bundle_dir.is_dir():
-        return {"bundle": bundle, "status": "not implemented (no bundle folder)"}
-    missing = _missing_parts(bundle_dir, recipe)
+def _prediction_file(pred_dir: Path, image_path: Path) -> Path | None:
+    stem = image_path.name.split(".")[0]
+    hits = sorted(Path(pred_dir).glob(f"{stem}*_seg.nii*")) if Path(pred_dir).is_dir() else []
+    return hits[0] if hits else None
+
+
+def draw_overview_figure(dataset_json: Path, rows: list[dict], out_png: Path, case_index: int = 0) -> Path | None:
+    """One row per bundle: axial, coronal and sagittal planes through the tumour of one test case.
+
+    The truth is drawn in green and each bundle's prediction in red, on the CT in a soft-tissue
+    window; the planes go through the centre of the true tumour. Returns None when no bundle
+    has a prediction for the case.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shared_transforms.flip import lr_axis, si_axis
+    from shared_transforms.io import load_label, load_nifti
+
+    meta = json.loads(Path(dataset_json).read_text())
+    entry = meta["test"][case_index]
+    image_path = Path(dataset_json).parent / entry["image"]
+    image, affine = load_nifti(image_path)
+    truth, _ = load_label(Path(dataset_json).parent / entry["label"], reference_affine=affine, reference_shape=image.shape)
+    with_pred = [(r, _prediction_file(Path(r["predictions"]), image_path)) for r in rows if r.get("predictions")]
+    with_pred = [(r, p) for r, p in with_pred if p is not None]
+    if not with_pred:
+        return None
+    centre = [int(round(c)) for c in np.argwhere(truth > 0).mean(0)] if truth.any() else [s // 2 for s in image.shape]
+    z_ax, x_ax = si_axis(affine), lr_axis(affine)
+    y_ax = 3 - z_ax - x_ax
+    planes = [("axial", z_ax), ("coronal", y_ax), ("sagittal", x_ax)]
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+
+    def cut(a, axis):
+        """The plane through the tumour centre, rows and columns, and (column, row) spacing in mm."""
+        plane = np.take(a, centre[axis], axis=axis)
+        rest = [ax for ax in range(3) if ax != axis]
+        if z_ax not in rest:  # axial: rows anterior-posterior, columns left-right
+            return plane.T, (spacing[rest[0]], spacing[rest[1]])
+        col = rest[1] if rest[0] == z_ax else rest[0]
+        plane = plane if rest[0] == z_ax else plane.T  # rows: the superior-inferior axis
+        if affine[2, z_ax] > 0:  # superior at the top
+            plane = plane[::-1]
+        return plane, (spacing[col], spacing[z_ax])
+
+    fig, axes = plt.subplots(len(with_pred), 3, figsize=(11, 3.7 * len(with_pred)), squeeze=False)
+    for i, (row, pred_file) in enumerate(with_pred):
+        pred, _ = load_label(pred_file, reference_affine=affine, reference_shape=image.shape)
+        dsc = row.get("dsc_per_case", {}).get(entry.get("case_id"))
+        for j, (name, axis) in enumerate(planes):
+            ax = axes[i][j]
+            img, (sx, sy) = cut(image, axis)
+            ax.imshow(np.clip(img, -150, 250), cmap="gray", aspect=sy / sx, interpolation="nearest")
+            for mask, colour in ((truth, "lime"), (pred, "red")):
+                m, _ = cut(mask, axis)
+                if m.any():
+                    ax.contour(m, levels=[0.5], colors=colour, linewidths=1.2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(f"{row['bundle']}" + (f"\nDSC {dsc:.2f}" if dsc is not None else ""), fontsize=10)
+            if i == 0:
+                ax.set_title(f"{name} (truth green, prediction red)", fontsize=9)
+    fig.suptitle(f"npc-gtv demo: test case {entry.get('case_id', image_path.name)}", fontsize=11)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def _case_dsc(eval_dir: Path) -> dict:
+    from npc_gtv.evaluation.report import read_metrics_csv
+
+    _, cases = read_metrics_csv(eval_dir)
+    return {case: values.get("dsc") for case, values in cases.items()}
+
+
+def run_bundle_recipe(bundle: str, bundle_dir: Path, dataset_dir: Path, work: Path, log, extra_configs=(DEMO_CONFIG,)) -> dict:
+    """Run one bundle's recipe (``extra_configs`` merged last into every step); a result row for the table."""
+    try:
+        recipe = bundle_recipe(bundle_dir)
+    except ValueError as exc:
+        return {"bundle": bundle, "status": f"not runnable: {exc}"}
+    missing = [c for c in extra_configs if not (bundle_dir / "configs" / c).is_file()]
     if missing:
-        return {"bundle": bundle, "status": f"not implemented (missing configs: {', '.join(missing)})"}
+        return {"bundle": bundle, "status": f"not runnable: no configs/{', '.join(missing)}"}
     out = work / bundle
     overrides = {"bundle_root": str(bundle_dir), "dataset_dir": str(dataset_dir),
                  "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval")}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.time()
-    for step in recipe:
-        cmd = bundle_command(bundle_dir, step, overrides)
+    for k, step in enumerate(recipe, 1):
+        cmd = bundle_command(bundle_dir, step, overrides, list(extra_configs))
+        print(f"      {bundle} [{k}/{len(recipe)}] {step.name} ...", end="", flush=True)
+        t0 = time.time()
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.run(cmd, cwd=str(bundle_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
+        print(f" {'done' if proc.returncode == 0 else 'FAILED'} ({time.time() - t0:.0f} s)", flush=True)
         if proc.returncode != 0:
-            return {"bundle": bundle, "status": f"FAILED at {step.workflow} {step.configs} (see {log.name})",
-                    "seconds": time.time() - start}
+            return {"bundle": bundle, "status": f"FAILED at {step.name} (see {log.name})", "seconds": time.time() - start}
     summary_path = out / "eval" / "summary.json"
     if not summary_path.is_file():
         return {"bundle": bundle, "status": f"FAILED: no {summary_path}", "seconds": time.time() - start}
     summary = json.loads(summary_path.read_text())
     metric = lambda name: (summary["metrics"].get(name) or {}).get("mean")  # noqa: E731
     return {"bundle": bundle, "status": "ok", "dsc": metric("dsc"), "hd95": metric("hd95"),
-            "cases": summary.get("n_cases"), "seconds": time.time() - start,
+            "dsc_per_case": _case_dsc(out / "eval"), "cases": summary.get("n_cases"), "seconds": time.time() - start,
             "report": str(out / "eval"), "predictions": str(out / "eval" / "predictions")}
 
 
@@ -149,17 +251,22 @@ def _fmt(value, spec):
     return "-".rjust(width) if value is None else format(value, spec)
 
 
-def demo_command(out: str = "demo_output", cases: int = 10, seed: int = 0, bundles: str = ",".join(BUNDLES)) -> None:
-    """Run the demo: phantoms, shared transforms figure, and each bundle's reduced train/infer/evaluate.
+def demo_command(out: str = "demo_output", cases: int = 10, seed: int = 0, bundles: str = "all") -> None:
+    """Run the demo: phantoms, shared transforms figure, and each bundle's recipe with its demo.yaml.
 
     Args:
         out: output folder (created; an existing demo folder is reused only if it holds a previous demo).
         cases: number of small phantom cases to generate.
         seed: phantom seed.
-        bundles: comma-separated bundle names to run.
+        bundles: comma-separated bundle names to run, or "all".
     """
     from npc_gtv.phantoms import generate_dataset
 
+    available = find_bundles()
+    names = list(available) if str(bundles).strip() == "all" else [b.strip() for b in str(bundles).split(",") if b.strip()]
+    unknown = [b for b in names if b not in available]
+    if unknown:
+        raise SystemExit(f"npc-gtv demo: unknown bundle(s) {unknown}; choose from {list(available)}")
     work = Path(out).resolve()
     marker = work / ".npc_gtv_demo"
     if work.exists() and any(work.iterdir()) and not marker.exists():
@@ -171,23 +278,21 @@ def demo_command(out: str = "demo_output", cases: int = 10, seed: int = 0, bundl
     dataset_dir = work / "data"
     dataset_json = dataset_dir / "dataset.json"
     if not dataset_json.is_file():
-        print(f"[1/3] generating {cases} small CT phantoms in {dataset_dir}")
+        print(f"[1/4] generating {cases} small CT phantoms in {dataset_dir}")
         generate_dataset(dataset_dir, cases=cases, seed=seed, modality="ct", size="small")
     else:
-        print(f"[1/3] reusing phantoms in {dataset_dir}")
+        print(f"[1/4] reusing phantoms in {dataset_dir}")
     fig = draw_transforms_figure(dataset_json, work / "figures" / "flip_pairing.png")
-    print(f"[2/3] shared transforms figure: {fig}")
+    print(f"[2/4] shared transforms figure: {fig}")
 
-    names = [b.strip() for b in str(bundles).split(",") if b.strip()]
-    unknown = [b for b in names if b not in RECIPES]
-    if unknown:
-        raise SystemExit(f"npc-gtv demo: unknown bundle(s) {unknown}; choose from {list(RECIPES)}")
     rows = []
+    print(f"[3/4] training, inference and evaluation of {len(names)} bundles with their configs/{DEMO_CONFIG} (log: {work / 'demo.log'})")
     with open(work / "demo.log", "w") as log:
         for b in names:
-            print(f"[3/3] {b}: training, inference and evaluation at reduced size (log: {work / 'demo.log'}) ...", flush=True)
-            rows.append(run_bundle_recipe(b, dataset_dir, work, log))
-            print(f"      {rows[-1]['status']}", flush=True)
+            rows.append(run_bundle_recipe(b, available[b], dataset_dir, work, log))
+            print(f"      {b}: {rows[-1]['status']}" + (f", Dice {rows[-1]['dsc']:.3f}" if rows[-1].get("dsc") is not None else ""), flush=True)
+    overview = draw_overview_figure(dataset_json, rows, work / "figures" / "demo_overview.png")
+    print(f"[4/4] overview figure: {overview}")
 
     header = f"{'bundle':<14} {'Dice':>7} {'HD95 mm':>9} {'cases':>6} {'time s':>7}  status"
     lines = [header, "-" * len(header)]
@@ -196,14 +301,16 @@ def demo_command(out: str = "demo_output", cases: int = 10, seed: int = 0, bundl
                      f"{_fmt(r.get('cases'), '6d')} {_fmt(r.get('seconds'), '7.0f')}  {r['status']}")
     table = "\n".join(lines)
     (work / "demo_summary.md").write_text(
-        "# npc-gtv demo\n\nReduced-size runs on small synthetic phantoms (CPU); numbers show that the pipelines "
-        "work end to end, not the methods' accuracy.\n\n```\n" + table + "\n```\n")
+        "# npc-gtv demo\n\nEach bundle trained with its own configs plus `configs/demo.yaml` (short schedule, reduced "
+        "network) on small synthetic CT phantoms (CPU), then inferred and evaluated on the test phantoms.\n\n```\n"
+        + table + "\n```\n")
     (work / "demo_summary.json").write_text(json.dumps(rows, indent=2))
     print("\n" + table)
     print(f"\nDone in {time.time() - t0:.0f} s. Outputs in {work}:")
-    print(f"  data/                      the phantom data set (dataset.json, imagesTr, labelsTr, ...)")
-    print(f"  figures/flip_pairing.png   image, mirror and asymmetric mask")
+    print("  data/                       the phantom data set (dataset.json, imagesTr, labelsTr, ...)")
+    print("  figures/demo_overview.png   each bundle's contour on a test case (truth green, prediction red)")
+    print("  figures/flip_pairing.png    image, mirror and asymmetric mask")
     for r in rows:
         if r.get("report"):
             print(f"  {r['bundle']}/eval/   metrics.csv, summary.md, figures/ (overlays), predictions/")
-    print(f"  demo_summary.md, demo.log")
+    print("  demo_summary.md, demo.log")
