@@ -9,6 +9,7 @@ Not part of the node itself and not for clinical use:
   tiny ``bind()`` shim that turns "any address" into 127.0.0.1; in every case the
   configuration refuses remote HTTP clients and every DICOM peer but the configured
   modalities from 127.0.0.1.
+- :class:`NodeProcess` runs ``npc-gtv serve`` in a subprocess and waits until it answers C-ECHO.
 - :func:`constant_foreground_weights` writes weights for a bundle's network whose output is a
   constant high logit, so inference marks the whole region the bundle looks at (its body crop)
   as foreground: a non-empty, deterministic prediction for integration tests, independent of
@@ -29,7 +30,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["free_port", "orthanc_binary", "Orthanc", "constant_foreground_weights"]
+__all__ = ["free_port", "orthanc_binary", "Orthanc", "NodeProcess", "echo", "constant_foreground_weights"]
 
 _BIND_SHIM = r"""
 #define _GNU_SOURCE
@@ -246,6 +247,88 @@ class Orthanc:
         """The DICOM files of a series."""
         ids = [item["ID"] for item in self.get(f"/series/{series_id}/instances")]
         return [self.get(f"/instances/{i}/file") for i in ids]
+
+
+def echo(port: int, called_aet: str = "NPCGTV", calling_aet: str = "ECHOSCU", host: str = "127.0.0.1", timeout: float = 5.0) -> bool:
+    """True when a DICOM C-ECHO to ``called_aet@host:port`` succeeds."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate(host, int(port), ae_title=called_aet)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and int(status.Status) == 0
+    finally:
+        assoc.release()
+
+
+class NodeProcess:
+    """``npc-gtv serve ARGS`` in a subprocess, its output in ``log_path``.
+
+    Args:
+        args: the command's arguments (after ``serve``); must include ``--port``.
+        log_path: file receiving stdout and stderr.
+        env: extra environment variables.
+        calling_aet: AE title of the readiness C-ECHO (one of ``--allowed_aets`` if given).
+    """
+
+    def __init__(self, args: Sequence[str], log_path, env: Mapping[str, str] | None = None, calling_aet: str = "ECHOSCU"):
+        import sys
+
+        self.args = [str(a) for a in args]
+        self.port = int(self.args[self.args.index("--port") + 1])
+        self.log_path = Path(log_path)
+        self.cmd = [sys.executable, "-m", "npc_gtv.cli", "serve", *self.args]
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.process: subprocess.Popen | None = None
+        self.calling_aet = calling_aet
+
+    def start(self, ready_timeout: float = 180.0) -> "NodeProcess":
+        """Start the node and wait until it answers C-ECHO (it loads the model first)."""
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"npc-gtv serve exited with {self.process.returncode}: {self.output()[-3000:]}")
+            if echo(self.port, calling_aet=self.calling_aet, timeout=2.0):
+                return self
+            time.sleep(0.3)
+        self.kill()
+        raise RuntimeError(f"npc-gtv serve did not answer C-ECHO within {ready_timeout:.0f} s: {self.output()[-3000:]}")
+
+    def output(self) -> str:
+        """What the node printed so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the node to exit by itself; its return code."""
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self._close()
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the node (this process only)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL the node if it still runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self._close()
+
+    def _close(self) -> None:
+        if getattr(self, "_log", None) is not None and self.process is not None and self.process.poll() is not None:
+            self._log.close()
+            self._log = None
 
 
 def constant_foreground_weights(bundle, out_path, *, config: Sequence[str] = (), logit: float = 8.0, seed: int = 0) -> Path:

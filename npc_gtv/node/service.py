@@ -15,6 +15,7 @@ The log names series by their UIDs and gives timings; it never contains patient 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import signal
@@ -31,6 +32,16 @@ from .spool import SeriesJob, Spool
 __all__ = ["Node", "serve_command"]
 
 logger = logging.getLogger("npc_gtv.node")
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, key: str):
+    """Record the duration of the block in ``timings[key]`` (seconds), also when it fails."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = round(time.perf_counter() - start, 3)
 
 
 def _reason(exc: BaseException) -> str:
@@ -83,23 +94,17 @@ class Node:
         from shared_transforms.dicom import read_dicom_series
 
         self.spool.clear_output(job)  # outputs of an interrupted run were never sent
-        t = time.perf_counter()
-        ct = read_dicom_series(job.images_dir, job.series_uid, modality=("CT",))
-        timings["check_s"] = round(time.perf_counter() - t, 3)
-        first = ct.headers[0]
-        if str(getattr(first, "StudyInstanceUID", "")) != job.study_uid:
+        with _timed(timings, "check_s"):
+            ct = read_dicom_series(job.images_dir, job.series_uid, modality=("CT",))
+        if str(getattr(ct.headers[0], "StudyInstanceUID", "")) != job.study_uid:
             raise ValueError(f"{job.images_dir}: StudyInstanceUID of the images differs from the spool folder")
-
-        t = time.perf_counter()
-        item = self.model.predict(job.images_dir)
-        timings["inference_s"] = round(time.perf_counter() - t, 3)
-
-        t = time.perf_counter()
-        job.output_dir.mkdir(parents=True, exist_ok=True)
-        writer = SaveDicomRTd(keys="pred", output_dir=job.output_dir, roi_name=self.roi_name, write_rtstruct=True, write_seg=self.dicom_seg, overwrite=False)
-        written = writer.write(item["pred"], ct, "CT", source=f"prediction of series {job.series_uid}")
-        self._collect_bundle_outputs(job)
-        timings["write_s"] = round(time.perf_counter() - t, 3)
+        with _timed(timings, "inference_s"):
+            item = self.model.predict(job.images_dir)
+        with _timed(timings, "write_s"):
+            job.output_dir.mkdir(parents=True, exist_ok=True)
+            writer = SaveDicomRTd(keys="pred", output_dir=job.output_dir, roi_name=self.roi_name, write_rtstruct=True, write_seg=self.dicom_seg, overwrite=False)
+            written = writer.write(item["pred"], ct, "CT", source=f"prediction of series {job.series_uid}")
+            self._collect_bundle_outputs(job)
         rois = read_rtstruct_rois(written[0])
         contours = rois.get(self.roi_name, [])
         return {
