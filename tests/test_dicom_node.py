@@ -23,6 +23,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from conftest import BUNDLES_DIR
+from rtstruct_checks import assert_references_ct
 
 pytest.importorskip("pynetdicom")
 
@@ -309,11 +310,7 @@ def test_node_in_process_good_and_bad_series(model, tmp_path):
         ct = read_dicom_series(files[0].parent)
         first = ct.headers[0]
         (rs,) = [d for d in by_class[RTStructureSetStorage] if d.StudyInstanceUID == first.StudyInstanceUID]
-        ref = rs.ReferencedFrameOfReferenceSequence[0]
-        assert ref.FrameOfReferenceUID == first.FrameOfReferenceUID
-        series_ref = ref.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
-        assert series_ref.SeriesInstanceUID == first.SeriesInstanceUID
-        assert {i.ReferencedSOPInstanceUID for i in series_ref.ContourImageSequence} == {h.SOPInstanceUID for h in ct.headers}
+        assert_references_ct(rs, ct)
         path = tmp_path / f"{first.SeriesInstanceUID}_rs.dcm"
         rs.save_as(path, enforce_file_format=True)
         back = rasterize_rtstruct(path, ct)

@@ -23,6 +23,7 @@ import pydicom
 import pytest
 
 from conftest import BUNDLES_DIR, run_bundle
+from rtstruct_checks import assert_references_ct
 
 pytest.importorskip("pynetdicom")
 
@@ -121,24 +122,13 @@ def test_rtstruct_in_orthanc_references_the_ct_and_matches_the_bundle_output(del
     for name in ("A", "B"):
         files = delivered["series"][name]
         ct = read_dicom_series(files[0].parent)
-        first = ct.headers[0]
         (series_id,) = delivered["found"][name]
         (data,) = pacs.series_files(series_id)
         rs_path = tmp_path / f"{name}_rs.dcm"
         rs_path.write_bytes(data)
         rs = pydicom.dcmread(rs_path)
-        assert rs.Modality == "RTSTRUCT" and rs.StudyInstanceUID == first.StudyInstanceUID
-        assert rs.PatientID == first.PatientID  # copied from the CT, never invented
-        ref = rs.ReferencedFrameOfReferenceSequence[0]
-        assert ref.FrameOfReferenceUID == first.FrameOfReferenceUID == rs.FrameOfReferenceUID
-        study_ref = ref.RTReferencedStudySequence[0]
-        assert study_ref.ReferencedSOPInstanceUID == first.StudyInstanceUID
-        series_ref = study_ref.RTReferencedSeriesSequence[0]
-        assert series_ref.SeriesInstanceUID == first.SeriesInstanceUID
-        slice_uids = [h.SOPInstanceUID for h in ct.headers]
-        assert sorted(i.ReferencedSOPInstanceUID for i in series_ref.ContourImageSequence) == sorted(slice_uids)
-        contours = rs.ROIContourSequence[0].ContourSequence
-        assert all(c.ContourImageSequence[0].ReferencedSOPInstanceUID in slice_uids for c in contours)
+        assert_references_ct(rs, ct)  # study, series, frame of reference, every slice
+        assert rs.StructureSetROISequence[0].ROIGenerationAlgorithm == "AUTOMATIC"
 
         pred_img = nib.load(str(ref_dir / "predictions" / f"case{name}_seg.nii.gz"))
         np.testing.assert_allclose(pred_img.affine, ct.affine, atol=1e-3)
