@@ -390,3 +390,29 @@ def test_model_overrides_are_checked(weights, tmp_path):
         BundleModel(SATS, tmp_path, config=QUICK, overrides={"ckpt_path": str(tmp_path / "missing.pt")})
     with pytest.raises(InputError, match="not a bundle folder"):
         BundleModel(tmp_path, tmp_path)
+
+
+def test_prefetched_series_is_served_to_the_bundle_reader_once_checked(tmp_path, monkeypatch):
+    """The node's checked read is handed to the bundle's LoadImaged instead of a second read."""
+    import shared_transforms.dicom as sd
+    from monai.transforms import LoadImaged
+
+    files = _ct_series(tmp_path / "CT", seed=3)
+    vol = read_dicom_series(files[0].parent)
+    reads = []
+    real = sd.read_dicom_series
+    monkeypatch.setattr(sd, "read_dicom_series", lambda *a, **k: reads.append(a) or real(*a, **k))
+    load = LoadImaged(keys="image", image_only=False)
+    with sd.prefetched_series(files[0].parent, vol):
+        d = load({"image": str(files[0].parent)})
+        assert reads == []
+        np.testing.assert_array_equal(np.asarray(d["image"]), vol.array)
+        assert d["image"].meta["SeriesInstanceUID"] == vol.series.uid and d["image"].meta["dicom_dir"] == str(files[0].parent)
+        np.testing.assert_allclose(d["image"].affine, vol.affine)
+        d["image"][:] = 0  # the bundle may change its input in place: the node's volume is not touched
+        assert vol.array.max() > 0
+        # a reader asking for another series, or for stricter checks, reads the folder itself
+        sd.DicomSeriesReader(spacing_tolerance=0.001).get_data(sd.DicomSeriesReader().read(str(files[0].parent)))
+        assert len(reads) == 1
+    load({"image": str(files[0].parent)})
+    assert len(reads) == 2  # outside the block: read as usual

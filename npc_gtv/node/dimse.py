@@ -38,6 +38,7 @@ __all__ = [
     "Destination",
     "StorageSCP",
     "send_files",
+    "echo",
     "SendError",
     "check_ae_title",
     "STATUS_SUCCESS",
@@ -194,6 +195,24 @@ class StorageSCP:
         with self._count_lock:
             self.received += 1
         return STATUS_SUCCESS
+
+
+def echo(dest: Destination, *, calling_aet: str = "NPCGTV", timeout: float = 10.0) -> bool:
+    """True when a C-ECHO (DICOM "ping") to ``dest`` is answered with success."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=check_ae_title(calling_aet))
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and int(getattr(status, "Status", -1)) == STATUS_SUCCESS
+    finally:
+        assoc.release()
 
 
 class SendError(RuntimeError):

@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["free_port", "orthanc_binary", "Orthanc", "NodeProcess", "echo", "constant_foreground_weights"]
+__all__ = ["free_port", "orthanc_binary", "Orthanc", "NodeProcess", "constant_foreground_weights"]
 
 _BIND_SHIM = r"""
 #define _GNU_SOURCE
@@ -249,24 +249,6 @@ class Orthanc:
         return [self.get(f"/instances/{i}/file") for i in ids]
 
 
-def echo(port: int, called_aet: str = "NPCGTV", calling_aet: str = "ECHOSCU", host: str = "127.0.0.1", timeout: float = 5.0) -> bool:
-    """True when a DICOM C-ECHO to ``called_aet@host:port`` succeeds."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title=calling_aet)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    assoc = ae.associate(host, int(port), ae_title=called_aet)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and int(status.Status) == 0
-    finally:
-        assoc.release()
-
-
 class NodeProcess:
     """``npc-gtv serve ARGS`` in a subprocess, its output in ``log_path``.
 
@@ -282,6 +264,7 @@ class NodeProcess:
 
         self.args = [str(a) for a in args]
         self.port = int(self.args[self.args.index("--port") + 1])
+        self.ae_title = self.args[self.args.index("--ae_title") + 1] if "--ae_title" in self.args else "NPCGTV"
         self.log_path = Path(log_path)
         self.cmd = [sys.executable, "-m", "npc_gtv.cli", "serve", *self.args]
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -290,13 +273,15 @@ class NodeProcess:
 
     def start(self, ready_timeout: float = 180.0) -> "NodeProcess":
         """Start the node and wait until it answers C-ECHO (it loads the model first)."""
+        from .dimse import Destination, echo
+
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"npc-gtv serve exited with {self.process.returncode}: {self.output()[-3000:]}")
-            if echo(self.port, calling_aet=self.calling_aet, timeout=2.0):
+            if echo(Destination(self.ae_title, "127.0.0.1", self.port), calling_aet=self.calling_aet, timeout=2.0):
                 return self
             time.sleep(0.3)
         self.kill()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from shared_transforms.io import input_error_from
 
-from .dimse import Destination, SendError, StorageSCP, check_ae_title, send_files
+from .dimse import Destination, SendError, StorageSCP, check_ae_title, echo, send_files
 from .spool import SeriesJob, Spool
 
 __all__ = ["Node", "serve_command"]
@@ -91,14 +91,14 @@ class Node:
         """Check, infer, write; returns the state fields of a ``done`` series."""
         from npc_gtv.dicom.rtstruct import read_rtstruct_rois
         from npc_gtv.dicom.transforms import SaveDicomRTd
-        from shared_transforms.dicom import read_dicom_series
+        from shared_transforms.dicom import prefetched_series, read_dicom_series
 
         self.spool.clear_output(job)  # outputs of an interrupted run were never sent
         with _timed(timings, "check_s"):
             ct = read_dicom_series(job.images_dir, job.series_uid, modality=("CT",))
         if str(getattr(ct.headers[0], "StudyInstanceUID", "")) != job.study_uid:
             raise ValueError(f"{job.images_dir}: StudyInstanceUID of the images differs from the spool folder")
-        with _timed(timings, "inference_s"):
+        with _timed(timings, "inference_s"), prefetched_series(job.images_dir, ct):  # the bundle reads the checked volume
             item = self.model.predict(job.images_dir)
         with _timed(timings, "write_s"):
             job.output_dir.mkdir(parents=True, exist_ok=True)
@@ -339,6 +339,8 @@ def serve_command(
             "AE %s listening on %s:%d (pid %d), bundle %s, results to %s, quiet time %.1f s, spool %s",
             scp.ae_title, scp.host, scp.port, os.getpid(), model.root.name, destination, node.quiet_time, the_spool.root,
         )
+        if not echo(destination, calling_aet=scp.ae_title, timeout=5.0):
+            logger.warning("the destination %s does not answer C-ECHO from %s; deliveries fail until it does", destination, scp.ae_title)
         counts = node.run(stop, max_series=max_series, exit_after_idle=exit_after_idle)
     finally:
         scp.stop()
