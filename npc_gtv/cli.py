@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "dicomseg": "npc_gtv.dicom.commands:dicomseg_command",
     "convert": "npc_gtv.datasets:convert_command",
     "package": "npc_gtv.packaging:package_command",
+    "serve": "npc_gtv.node.service:serve_command",
 }
 
 

@@ -25,8 +25,10 @@ Patient names are never read into messages or metadata.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ __all__ = [
     "LPS_TO_RAS",
     "DicomSeriesReader",
     "register_dicom_reader",
+    "prefetched_series",
 ]
 
 logger = logging.getLogger(__name__)
@@ -400,6 +403,53 @@ def load_volume(path, *, series_uid: str | None = None, modality=("CT",), dtype=
 
 
 # --------------------------------------------------------------------------------------------
+# A series the caller has just read and checked (the DICOM node), served to the reader below
+# --------------------------------------------------------------------------------------------
+
+_PREFETCHED: dict[str, tuple[DicomVolume, frozenset, float]] = {}
+_PREFETCHED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def prefetched_series(folder, volume: DicomVolume, *, modality: str | Sequence[str] = ("CT",), spacing_tolerance: float = 0.01):
+    """Inside the block, :class:`DicomSeriesReader` takes ``volume`` for ``folder`` instead of reading it again.
+
+    The DICOM node reads and checks every received series with :func:`read_dicom_series` before it
+    runs a bundle on it; this hands that volume to the bundle's ``LoadImaged`` (a copy of the array,
+    the same affine and metadata) instead of a second read of the same files. The reader uses it only
+    for the same folder, a matching series UID, a modality it allows and a spacing tolerance no
+    stricter than the one ``volume`` was checked with; otherwise it reads the folder as usual.
+
+    Args:
+        folder: the folder ``volume`` was read from. volume: its :class:`DicomVolume`.
+        modality, spacing_tolerance: the arguments ``volume`` was read with.
+    """
+    key = str(Path(folder).resolve())
+    allowed = frozenset(m.upper() for m in ([modality] if isinstance(modality, str) else modality))
+    with _PREFETCHED_LOCK:
+        _PREFETCHED[key] = (volume, allowed, float(spacing_tolerance))
+    try:
+        yield
+    finally:
+        with _PREFETCHED_LOCK:
+            _PREFETCHED.pop(key, None)
+
+
+def _prefetched(path: Path, series_uid, modality, spacing_tolerance) -> DicomVolume | None:
+    with _PREFETCHED_LOCK:
+        entry = _PREFETCHED.get(str(Path(path).resolve())) if _PREFETCHED else None
+    if entry is None:
+        return None
+    volume, checked_modality, checked_tolerance = entry
+    wanted = None if modality is None else {m.upper() for m in ([modality] if isinstance(modality, str) else modality)}
+    if series_uid not in (None, volume.series.uid) or spacing_tolerance < checked_tolerance:
+        return None
+    if wanted is not None and not checked_modality <= wanted:
+        return None
+    return DicomVolume(array=volume.array.copy(), affine=volume.affine.copy(), headers=volume.headers, files=volume.files, series=volume.series)
+
+
+# --------------------------------------------------------------------------------------------
 # MONAI reader
 # --------------------------------------------------------------------------------------------
 
@@ -477,7 +527,7 @@ class DicomSeriesReader(_ImageReader):
 
     def _one(self, item):
         if isinstance(item, _PendingSeries):
-            vol = read_dicom_series(
+            vol = _prefetched(item.path, self.series_uid, self.modality, self.spacing_tolerance) or read_dicom_series(
                 item.path, self.series_uid, modality=self.modality, spacing_tolerance=self.spacing_tolerance
             )
             meta = vol.meta()

@@ -16,6 +16,7 @@ from npc_gtv.dicom.commands import dice
 from npc_gtv.dicom.rtstruct import export_rtstruct, mask_slice_contours, rasterize_rtstruct, write_rtstruct
 from npc_gtv.dicom.seg import read_seg, write_seg
 from npc_gtv.dicom.series import write_dicom_series
+from rtstruct_checks import assert_references_ct
 from shared_transforms.dicom import read_dicom_series
 from shared_transforms.io import InputError, save_nifti
 
@@ -73,18 +74,7 @@ def test_rtstruct_references_and_dice_on_phantoms(cases, tmp_path):
         assert dice(back, ph.label) >= 0.97
 
         rs = pydicom.dcmread(out)
-        first = ct.headers[0]
-        assert rs.Modality == "RTSTRUCT" and rs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
-        assert rs.PatientID == first.PatientID and str(rs.PatientName) == str(first.PatientName)
-        assert rs.StudyInstanceUID == first.StudyInstanceUID
-        assert rs.SeriesInstanceUID != first.SeriesInstanceUID
-        frame = rs.ReferencedFrameOfReferenceSequence[0]
-        assert frame.FrameOfReferenceUID == first.FrameOfReferenceUID == rs.FrameOfReferenceUID
-        study = frame.RTReferencedStudySequence[0]
-        assert study.ReferencedSOPInstanceUID == first.StudyInstanceUID
-        series = study.RTReferencedSeriesSequence[0]
-        assert series.SeriesInstanceUID == first.SeriesInstanceUID
-        assert [i.ReferencedSOPInstanceUID for i in series.ContourImageSequence] == [h.SOPInstanceUID for h in ct.headers]
+        assert_references_ct(rs, ct)
         roi = rs.StructureSetROISequence[0]
         assert roi.ROIName == "GTVp" and roi.ROIGenerationAlgorithm == "AUTOMATIC"
         assert roi.ROIDerivationAlgorithmIdentificationSequence[0].AlgorithmName == "NPC GTV toolkit"

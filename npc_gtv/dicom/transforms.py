@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_transforms.dicom import read_dicom_series
+from shared_transforms.dicom import DicomVolume, read_dicom_series
 from shared_transforms.io import InputError
 
 from .grid import mask_to_grid
@@ -102,9 +102,6 @@ class SaveDicomRTd(_MapTransform):
         return (np.argmax(arr, axis=0) == self.label_index).astype(np.uint8)
 
     def __call__(self, data):
-        from .rtstruct import write_rtstruct
-        from .seg import write_seg
-
         d = dict(data)
         for key in self.key_iterator(d):
             pred = d[key]
@@ -116,11 +113,31 @@ class SaveDicomRTd(_MapTransform):
                     continue
                 raise InputError(meta.get("filename_or_obj"), "input was not a DICOM series; cannot write an RTSTRUCT")
             ct = read_dicom_series(dicom_dir, str(meta.get("SeriesInstanceUID") or "") or None)
-            affine = np.asarray(pred.affine if hasattr(pred, "affine") else meta["affine"], dtype=float)
-            mask = mask_to_grid(self._mask(pred), affine, ct.array.shape, ct.affine, source=key, reference=dicom_dir)
-            case = self._stem(dicom_dir, ct.series.uid)
-            if self.write_rtstruct:
-                write_rtstruct(ct, mask, self.output_dir / f"{case}_rtstruct.dcm", roi_name=self.roi_name, color=self.color, overwrite=self.overwrite)
-            if self.write_seg:
-                write_seg(ct, mask, self.output_dir / f"{case}_seg.dcm", segment_label=self.roi_name, overwrite=self.overwrite)
+            self.write(pred, ct, self._stem(dicom_dir, ct.series.uid), source=key)
         return d
+
+    def write(self, pred, ct: DicomVolume, case: str, source: str = "pred") -> list[Path]:
+        """Write the outputs of one prediction for a CT series that is already read.
+
+        Args:
+            pred: ``(C, X, Y, Z)`` prediction (MetaTensor with its affine, or array with
+                ``meta["affine"]``) on any grid overlapping the CT.
+            ct: the CT series the outputs reference.
+            case: file stem: ``<case>_rtstruct.dcm``, ``<case>_seg.dcm`` in ``output_dir``.
+            source: name of the prediction in error messages.
+
+        Returns:
+            the written files (RTSTRUCT first).
+        """
+        from .rtstruct import write_rtstruct
+        from .seg import write_seg
+
+        meta = dict(getattr(pred, "meta", {}) or {})
+        affine = np.asarray(pred.affine if hasattr(pred, "affine") else meta["affine"], dtype=float)
+        mask = mask_to_grid(self._mask(pred), affine, ct.array.shape, ct.affine, source=source, reference=ct.files[0].parent)
+        written = []
+        if self.write_rtstruct:
+            written.append(write_rtstruct(ct, mask, self.output_dir / f"{case}_rtstruct.dcm", roi_name=self.roi_name, color=self.color, overwrite=self.overwrite))
+        if self.write_seg:
+            written.append(write_seg(ct, mask, self.output_dir / f"{case}_seg.dcm", segment_label=self.roi_name, overwrite=self.overwrite))
+        return written
