@@ -69,7 +69,7 @@ def _phantom_series(root: Path, n: int, size: str) -> list[list[Path]]:
     return out
 
 
-def _cold_inference(bundle: Path, config: list[str], ckpt: str, image: Path, work: Path) -> float:
+def _cold_inference(bundle: Path, config: list[str], ckpt: str, image: Path, work: Path, extra: list[str] = ()) -> float:
     """Wall time of ``python -m monai.bundle run inference`` on one DICOM series folder."""
     from npc_gtv.phantoms import generate_dataset
 
@@ -79,7 +79,7 @@ def _cold_inference(bundle: Path, config: list[str], ckpt: str, image: Path, wor
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", repr(files) if len(files) > 1 else files[0],
         "--bundle_root", str(bundle), "--datalist", repr([{"image": str(image)}]), "--ckpt_path", ckpt,
-        "--output_dir", str(work / "cold_out"), "--dataset_dir", str(dataset),
+        "--output_dir", str(work / "cold_out"), "--dataset_dir", str(dataset), *extra,
     ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=str(bundle), capture_output=True, text=True, timeout=1800)
@@ -95,6 +95,8 @@ def run(args) -> dict:
     bundle = Path(args.bundle).resolve()
     work = Path(tempfile.mkdtemp(prefix="bench_node_"))
     ckpt = args.ckpt_path or str(constant_foreground_weights(bundle, work / "fg.pt", config=args.config))
+    # constant-output weights have no training fingerprint beside them: the HU window then
+    extra = [] if args.ckpt_path else ["--normalization", "window"]
     t = time.perf_counter()
     series = _phantom_series(work, args.series, args.size)
     print(f"{args.series} phantom series ({args.size}, {'/'.join(str(len(f)) for f in series)} slices) written in {time.perf_counter() - t:.1f} s", flush=True)
@@ -108,7 +110,7 @@ def run(args) -> dict:
         node_args = [
             "--bundle", bundle, "--spool", work / "spool", "--dest_aet", pacs.aet, "--dest_port", pacs.dicom_port,
             "--port", node_port, "--quiet_time", args.quiet_time, "--max_series", args.series, "--ckpt_path", ckpt,
-            "--allowed_aets", pacs.aet,
+            "--allowed_aets", pacs.aet, *extra,
         ]
         if args.config:
             node_args += ["--config", args.config[0] if len(args.config) == 1 else repr(list(args.config))]
@@ -174,7 +176,7 @@ def run(args) -> dict:
         "overhead_max_s": round(max(r["overhead_s"] for r in rows), 2),
     }
     if args.cold:
-        result["cold_bundle_run_s"] = round(_cold_inference(bundle, list(args.config), ckpt, series[0][0].parent, work), 2)
+        result["cold_bundle_run_s"] = round(_cold_inference(bundle, list(args.config), ckpt, series[0][0].parent, work, extra), 2)
     if args.keep:
         print(f"kept {work}")
     else:

@@ -105,7 +105,8 @@ def weights(tmp_path_factory):
 def model(weights, tmp_path_factory):
     from npc_gtv.node.model import BundleModel
 
-    return BundleModel(SATS, tmp_path_factory.mktemp("bundle_out"), config=QUICK, overrides={"ckpt_path": str(weights)})
+    # constant-output weights: the HU window needs no training fingerprint beside them
+    return BundleModel(SATS, tmp_path_factory.mktemp("bundle_out"), config=QUICK, overrides={"ckpt_path": str(weights), "normalization": "window"})
 
 
 # ------------------------------------------------------------------------------------ spool

@@ -71,7 +71,8 @@ def _wait_rtstructs(pacs: Orthanc, study_uid: str, timeout: float = 120.0) -> li
 
 def _node_args(spool, pacs: Orthanc, port: int, weights, *extra) -> list:
     return [
-        "--bundle", SATS, "--config", "configs/quick.yaml", "--ckpt_path", weights, "--spool", spool,
+        # constant-output weights: the HU window needs no training fingerprint beside them
+        "--bundle", SATS, "--config", "configs/quick.yaml", "--ckpt_path", weights, "--normalization", "window", "--spool", spool,
         "--dest_aet", pacs.aet, "--dest_port", pacs.dicom_port, "--port", port, "--allowed_aets", pacs.aet, *extra,
     ]
 
@@ -117,7 +118,8 @@ def test_rtstruct_in_orthanc_references_the_ct_and_matches_the_bundle_output(del
     datalist = [{"image": str(delivered["series"][name][0].parent)} for name in ("A", "B")]
     run_bundle(
         "sats_npc", "inference", ["inference.yaml", "quick.yaml"],
-        {"datalist": datalist, "ckpt_path": str(weights), "output_dir": str(ref_dir), "dataset_dir": str(small_ct_dataset)},
+        {"datalist": datalist, "ckpt_path": str(weights), "normalization": "window", "output_dir": str(ref_dir),
+         "dataset_dir": str(small_ct_dataset)},
     )
     for name in ("A", "B"):
         files = delivered["series"][name]

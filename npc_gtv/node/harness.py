@@ -320,9 +320,11 @@ def constant_foreground_weights(bundle, out_path, *, config: Sequence[str] = (),
     """Weights for a bundle's network whose output is the constant logit ``logit`` everywhere.
 
     The network is built from the bundle's ``network_def`` (``inference.yaml`` + ``config``),
-    initialised with ``torch.manual_seed(seed)``, and its last convolution gets zero weights and
-    bias ``logit``: every voxel the bundle's inferer sees is foreground (sigmoid(8) = 0.9997),
-    so the prediction is the bundle's region of interest (the body crop) on the input grid.
+    initialised with ``torch.manual_seed(seed)``, and its output convolutions (``output_layers``,
+    else the last convolution) get zero weights and a bias that makes every voxel foreground: ``logit``
+    for one sigmoid channel (sigmoid(8) = 0.9997), ``-logit`` for the background and ``+logit`` for the
+    other channels of a softmax output. The prediction is then the bundle's region of interest (the
+    body crop) on the input grid.
 
     Args:
         bundle: bundle folder. config: override config files (e.g. ``configs/quick.yaml``).
@@ -348,11 +350,15 @@ def constant_foreground_weights(bundle, out_path, *, config: Sequence[str] = (),
     torch.manual_seed(seed)
     net = parser.get_parsed_content("network_def", instantiate=True)
     convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
-    if not convs or convs[-1].bias is None:
+    layers = list(getattr(net, "output_layers", None) or convs[-1:])
+    if not layers or any(layer.bias is None for layer in layers):
         raise ValueError(f"{root}: the network has no final convolution with a bias")
     with torch.no_grad():
-        convs[-1].weight.zero_()
-        convs[-1].bias.fill_(float(logit))
+        for layer in layers:
+            layer.weight.zero_()
+            layer.bias.fill_(float(logit))
+            if layer.bias.numel() > 1:
+                layer.bias[0] = -float(logit)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     with atomic_write(out_path) as tmp:
         torch.save(state, str(tmp))
