@@ -219,7 +219,7 @@ def test_mirror_consistent_patch(samp_mod, affine, lr_size):
     d = LRFlipPaird(["image", "label"])({"image": vol, "label": lab})
     roi = [8, 6, 4]
     roi[lr] = 10
-    crop = samp_mod.MirrorConsistentCropd(["image", "label", "image_flipped", "label_flipped", "asym_mask"], roi, num_samples=5)
+    crop = samp_mod.MirrorConsistentCropd(["image", "label", "image_flipped", "label_flipped", "asym_mask"], roi, num_samples=5, lr_jitter=0)
     crop.set_random_state(3)
     starts = set()
     for p in crop(d):
@@ -247,6 +247,30 @@ def test_mirror_consistent_patch(samp_mod, affine, lr_size):
         s, sf = p["label"].as_tensor(), p["label_flipped"].as_tensor()
         assert torch.equal(p["asym_mask"].as_tensor(), ((s > 0) & ~(sf > 0)).float())
     assert len(starts) > 1  # random in the other two axes
+
+
+def test_mirror_crop_anywhere_keeps_the_pairing(samp_mod):
+    """lr_jitter=None (the default): the left-right position varies and voxel v of the mirrored patch is the
+    mirror of voxel v of the patch."""
+    from shared_transforms.flip import LRFlipPaird, flip_lr
+
+    rng = np.random.default_rng(0)
+    vol = MetaTensor(torch.as_tensor(rng.normal(size=(1, 30, 12, 10)), dtype=torch.float32), affine=torch.as_tensor(LPS))
+    lab = MetaTensor((torch.rand(1, 30, 12, 10, generator=torch.Generator().manual_seed(1)) > 0.9).float(), affine=torch.as_tensor(LPS))
+    d = LRFlipPaird(["image", "label"])({"image": vol, "label": lab})
+    crop = samp_mod.MirrorConsistentCropd(["image", "label", "image_flipped", "label_flipped", "asym_mask"], [8, 6, 4], num_samples=12)
+    crop.set_random_state(5)
+    starts = set()
+    flipped = flip_lr(vol)
+    for p in crop(d):
+        found = [(a0, a1, a2) for a0 in range(23) for a1 in range(7) for a2 in range(7)
+                 if torch.equal(vol[0, a0:a0 + 8, a1:a1 + 6, a2:a2 + 4], p["image"][0].as_tensor())]
+        assert len(found) == 1
+        a = found[0]
+        starts.add(a[0])
+        # I'[a + v] = I[n - 1 - a - v]: the flipped volume cropped with the same box
+        assert torch.equal(p["image_flipped"].as_tensor(), flipped[:, a[0]:a[0] + 8, a[1]:a[1] + 6, a[2]:a[2] + 4].as_tensor())
+    assert len(starts) > 2
 
 
 def test_mirror_crop_rejects_small_volume(samp_mod):

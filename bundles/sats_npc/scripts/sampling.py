@@ -1,17 +1,17 @@
 """Mirror-consistent random patch sampling for the Siamese (image, mirrored image) pair.
 
-After symmetric registration the mid-sagittal plane is the grid's central sagittal plane. A
-random patch keeps that plane at its centre along the left-right axis (read from the affine with
-``shared_transforms.flip.lr_axis``) and is random along the other two axes. Consequences:
+After symmetric registration the mid-sagittal plane is the grid's central sagittal plane, and
+``LRFlipPaird`` mirrors the whole volume about it. The flipped keys (``image_flipped``,
+``label_flipped``, ``asym_mask``) are cropped with the *same* box as the image, so voxel ``v`` of the
+patch and of the mirrored patch always show mirrored anatomy (``I'[a + v] = I[n - 1 - a - v]`` along
+the left-right axis read from the affine with ``shared_transforms.flip.lr_axis``), wherever the box is.
 
-* the mirrored patch is the same region of the body, so ``flip(patch)`` equals the crop of the
-  flipped volume at the mirrored place ``a' = n - a - p`` (always true), and that place is the
-  patch's own place ``a`` when ``n - p`` is even (``n`` volume size, ``p`` patch size along LR);
-  when ``n - p`` is odd the box is ``a = (n - p) // 2`` and the plane lies half a voxel from the
-  patch centre (pad or resample so the parity matches to get the exact identity);
-* the flipped keys (``image_flipped``, ``label_flipped`` from ``LRFlipPaird``) are cropped with the
-  same box, so voxel ``v`` of the patch and of the mirrored patch always show mirrored anatomy
-  (mirror of the whole volume, about the grid centre), whatever the parity.
+The box is random along every axis by default (``lr_jitter=None``: tumour-centred with probability
+``pos_fraction``, else uniform), so training sees every left-right position that the sliding-window
+inference sweeps. ``lr_jitter=j`` keeps the left-right start within ``j`` voxels of the centred start
+``(n - p) // 2`` (``j = 0``: the plane always at the patch centre; then ``flip(patch)`` is the
+patch of the mirrored volume at the patch's own place when ``n - p`` is even, ``n`` the volume size
+and ``p`` the patch size along left-right).
 
 The crop is a MONAI :class:`~monai.transforms.SpatialCrop` per key (invertible, tracked in the
 MetaTensor's applied operations).
@@ -32,15 +32,17 @@ from shared_transforms.flip import lr_axis
 __all__ = ["mirror_consistent_box", "MirrorConsistentCrop", "MirrorConsistentCropd"]
 
 
-def mirror_consistent_box(shape: Sequence[int], roi_size: Sequence[int], lr: int, centre: Sequence[int]) -> list[slice]:
-    """Crop box of size ``roi_size`` centred on ``centre`` in the non-LR axes and on the grid centre in LR.
+def mirror_consistent_box(shape: Sequence[int], roi_size: Sequence[int], lr: int, centre: Sequence[int], lr_offset: int | None = 0) -> list[slice]:
+    """Crop box of size ``roi_size`` centred on ``centre`` in the non-LR axes and near the grid centre in LR.
 
     Args:
         shape: spatial shape ``(X, Y, Z)`` of the volume (each >= ``roi_size``).
         roi_size: patch size ``(X, Y, Z)``.
         lr: index of the left-right spatial axis.
-        centre: wanted patch centre (voxel indices) in the other axes; the LR entry is ignored.
+        centre: wanted patch centre (voxel indices); the LR entry is used only when ``lr_offset`` is None.
             Boxes are shifted to stay inside the volume.
+        lr_offset: shift of the LR start from the centred start ``(n - p) // 2`` (0: the mid-sagittal
+            plane at the patch centre), or None to centre the LR axis on ``centre`` like the others.
 
     Returns:
         three slices.
@@ -54,8 +56,8 @@ def mirror_consistent_box(shape: Sequence[int], roi_size: Sequence[int], lr: int
         n, p = int(n), int(p)
         if p > n:
             raise ValueError(f"patch size {tuple(roi_size)} is larger than the volume {tuple(shape)} along axis {ax}; pad first")
-        if ax == lr:
-            start = (n - p) // 2
+        if ax == lr and lr_offset is not None:
+            start = int(np.clip((n - p) // 2 + int(lr_offset), 0, n - p))
         else:
             start = int(np.clip(int(c) - p // 2, 0, n - p))
         box.append(slice(start, start + p))
@@ -67,20 +69,28 @@ class MirrorConsistentCrop(Randomizable):
 
     Args:
         roi_size: patch size ``(X, Y, Z)``; ``-1`` entries use the full volume size.
-        pos_fraction: probability of centring the patch (in the non-LR axes) on a random
-            foreground voxel of ``label`` (tumour oversampling; otherwise uniform).
+        pos_fraction: probability of centring the patch on a random foreground voxel of ``label``
+            (tumour oversampling; otherwise uniform).
+        lr_jitter: how the LR position is drawn: None (default) like the other axes (tumour-centred or
+            uniform), so training sees every left-right position that the sliding-window inference
+            sweeps; an integer ``j``: the LR start within ``j`` voxels of the centred start (0: the
+            mid-sagittal plane always at the patch centre). The pairing holds either way: voxel
+            ``v`` of the patch and of the mirrored patch show mirrored anatomy.
 
     Call with ``img`` ``(C, X, Y, Z)`` (a MetaTensor, or give ``affine``) and optionally ``label``.
     Returns the patch ``(C, *roi_size)``.
     """
 
-    def __init__(self, roi_size: Sequence[int], pos_fraction: float = 0.33):
+    def __init__(self, roi_size: Sequence[int], pos_fraction: float = 0.33, lr_jitter: int | None = None):
         if len(roi_size) != 3:
             raise ValueError(f"roi_size must have 3 entries, got {roi_size}")
         if not 0.0 <= pos_fraction <= 1.0:
             raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+        if lr_jitter is not None and int(lr_jitter) < 0:
+            raise ValueError(f"lr_jitter must be None or >= 0, got {lr_jitter}")
         self.roi_size = [int(r) for r in roi_size]
         self.pos_fraction = float(pos_fraction)
+        self.lr_jitter = None if lr_jitter is None else int(lr_jitter)
         self._box: list[slice] | None = None
 
     def _roi(self, shape):
@@ -95,7 +105,8 @@ class MirrorConsistentCrop(Randomizable):
             fg = np.argwhere(np.asarray(label.detach().cpu() if isinstance(label, torch.Tensor) else label)[0] > 0)
             if len(fg):
                 centre = [int(v) for v in fg[self.R.randint(len(fg))]]
-        self._box = mirror_consistent_box(shape, self._roi(shape), lr, centre)
+        offset = None if self.lr_jitter is None else (int(self.R.randint(-self.lr_jitter, self.lr_jitter + 1)) if self.lr_jitter else 0)
+        self._box = mirror_consistent_box(shape, self._roi(shape), lr, centre, offset)
         return self._box
 
     def randomize(self, data=None) -> None:  # Randomizable API; the box needs the shape, see randomize_box
@@ -120,7 +131,8 @@ class MirrorConsistentCropd(Randomizable, MapTransform):
         roi_size: patch size ``(X, Y, Z)`` (paper 56 x 192 x 192 -> ``[192, 192, 56]``).
         ref_key: key whose affine (MetaTensor) defines the left-right axis and the shape.
         label_key: key of the tumour mask used for foreground oversampling (None: uniform).
-        pos_fraction: probability of a tumour-centred patch (non-LR axes).
+        pos_fraction: probability of a tumour-centred patch.
+        lr_jitter: LR placement, see :class:`MirrorConsistentCrop` (None: like the other axes).
         num_samples: number of patches per volume (a list is returned when > 1).
         allow_missing_keys: skip missing keys.
     """
@@ -134,11 +146,12 @@ class MirrorConsistentCropd(Randomizable, MapTransform):
         pos_fraction: float = 0.33,
         num_samples: int = 1,
         allow_missing_keys: bool = False,
+        lr_jitter: int | None = None,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        self.cropper = MirrorConsistentCrop(roi_size, pos_fraction)
+        self.cropper = MirrorConsistentCrop(roi_size, pos_fraction, lr_jitter)
         self.ref_key = ref_key
         self.label_key = label_key
         self.num_samples = int(num_samples)
