@@ -30,12 +30,17 @@ DEMO_CONFIG = "demo.yaml"
 
 @dataclass
 class Step:
-    """One ``monai.bundle run`` call: a name, the workflow, config files (in ``configs/``) and overrides."""
+    """One ``monai.bundle run`` call: a name, the workflow, config files (in ``configs/``) and overrides.
+
+    ``budget`` (optional, for benchmarks) names the step whose length an iteration budget sets:
+    ``{"knob": <epochs key>, "networks": <number of networks the budget is shared by>}``.
+    """
 
     name: str
     workflow: str
     configs: list[str]
     overrides: dict = field(default_factory=dict)
+    budget: dict | None = None
 
 
 def find_bundles(root: Path | None = None) -> dict[str, Path]:
@@ -56,7 +61,7 @@ def bundle_recipe(bundle_dir: Path) -> list[Step]:
     """The workflow steps a bundle declares in ``configs/metadata.json`` under ``"recipe"``.
 
     Each entry is ``{"name", "workflow", "configs": [...]}`` (config files of ``configs/``, merged in
-    order), optionally ``"overrides": {key: value}``.
+    order), optionally ``"overrides": {key: value}`` and ``"budget"`` (see :class:`Step`).
 
     Raises:
         ValueError: no recipe, or an entry without a workflow or configs, or a missing config file.
@@ -73,7 +78,8 @@ def bundle_recipe(bundle_dir: Path) -> list[Step]:
         missing = [c for c in e["configs"] if not (Path(bundle_dir) / "configs" / c).is_file()]
         if missing:
             raise ValueError(f"{meta_file}: recipe step {i} names missing config files {missing}")
-        steps.append(Step(str(e.get("name", e["workflow"])), str(e["workflow"]), list(e["configs"]), dict(e.get("overrides", {}))))
+        steps.append(Step(str(e.get("name", e["workflow"])), str(e["workflow"]), list(e["configs"]), dict(e.get("overrides", {})),
+                          e.get("budget")))
     return steps
 
 
@@ -212,8 +218,23 @@ def _case_dsc(eval_dir: Path) -> dict:
     return {case: values.get("dsc") for case, values in cases.items()}
 
 
-def run_bundle_recipe(bundle: str, bundle_dir: Path, dataset_dir: Path, work: Path, log, extra_configs=(DEMO_CONFIG,)) -> dict:
-    """Run one bundle's recipe (``extra_configs`` merged last into every step); a result row for the table."""
+def run_bundle_recipe(bundle: str, bundle_dir: Path, dataset_dir: Path, work: Path, log, extra_configs=(DEMO_CONFIG,),
+                      overrides: dict | None = None, step_overrides=None, indent: str = "      ") -> dict:
+    """Run one bundle's recipe (``extra_configs`` merged last into every step); a result row for the table.
+
+    Args:
+        bundle, bundle_dir: the bundle's name and folder.
+        dataset_dir: the data set folder (``dataset.json``).
+        work: outputs go to ``work/<bundle>/{models,eval}``.
+        log: open text file for the runs' output.
+        extra_configs: config files merged last into every step.
+        overrides: ``--key value`` pairs for every step.
+        step_overrides: callable ``Step -> dict`` of further pairs for one step (e.g. a budget).
+        indent: prefix of the progress lines.
+
+    Returns:
+        ``{"bundle", "status", "dsc", "hd95", "dsc_per_case", "cases", "seconds", "step_seconds", ...}``.
+    """
     try:
         recipe = bundle_recipe(bundle_dir)
     except ValueError as exc:
@@ -222,20 +243,23 @@ def run_bundle_recipe(bundle: str, bundle_dir: Path, dataset_dir: Path, work: Pa
     if missing:
         return {"bundle": bundle, "status": f"not runnable: no configs/{', '.join(missing)}"}
     out = work / bundle
-    overrides = {"bundle_root": str(bundle_dir), "dataset_dir": str(dataset_dir),
-                 "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval")}
+    common = {"bundle_root": str(bundle_dir), "dataset_dir": str(dataset_dir),
+              "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval"), **(overrides or {})}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.time()
+    step_seconds = {}
     for k, step in enumerate(recipe, 1):
-        cmd = bundle_command(bundle_dir, step, overrides, list(extra_configs))
-        print(f"      {bundle} [{k}/{len(recipe)}] {step.name} ...", end="", flush=True)
+        cmd = bundle_command(bundle_dir, step, {**common, **(step_overrides(step) if step_overrides else {})}, list(extra_configs))
+        print(f"{indent}{bundle} [{k}/{len(recipe)}] {step.name} ...", end="", flush=True)
         t0 = time.time()
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.run(cmd, cwd=str(bundle_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
-        print(f" {'done' if proc.returncode == 0 else 'FAILED'} ({time.time() - t0:.0f} s)", flush=True)
+        step_seconds[step.name] = time.time() - t0
+        print(f" {'done' if proc.returncode == 0 else 'FAILED'} ({step_seconds[step.name]:.0f} s)", flush=True)
         if proc.returncode != 0:
-            return {"bundle": bundle, "status": f"FAILED at {step.name} (see {log.name})", "seconds": time.time() - start}
+            return {"bundle": bundle, "status": f"FAILED at {step.name} (see {log.name})", "seconds": time.time() - start,
+                    "step_seconds": step_seconds}
     summary_path = out / "eval" / "summary.json"
     if not summary_path.is_file():
         return {"bundle": bundle, "status": f"FAILED: no {summary_path}", "seconds": time.time() - start}
@@ -243,7 +267,7 @@ def run_bundle_recipe(bundle: str, bundle_dir: Path, dataset_dir: Path, work: Pa
     metric = lambda name: (summary["metrics"].get(name) or {}).get("mean")  # noqa: E731
     return {"bundle": bundle, "status": "ok", "dsc": metric("dsc"), "hd95": metric("hd95"),
             "dsc_per_case": _case_dsc(out / "eval"), "cases": summary.get("n_cases"), "seconds": time.time() - start,
-            "report": str(out / "eval"), "predictions": str(out / "eval" / "predictions")}
+            "step_seconds": step_seconds, "report": str(out / "eval"), "predictions": str(out / "eval" / "predictions")}
 
 
 def _fmt(value, spec):

@@ -34,7 +34,7 @@ from monai.inferers import Inferer
 
 from .engine import confusion_scores
 
-__all__ = ["CascadeInferer", "SliceDecisionRecorder", "load_classifier"]
+__all__ = ["CascadeInferer", "SliceDecisionRecorder", "load_classifier", "calibrate_threshold", "gate_threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,80 @@ def load_classifier(network: torch.nn.Module, path, device="cpu", enabled: bool 
     except RuntimeError as exc:
         raise InputError(path, f"weights do not fit the slice classifier: {str(exc).strip()[:300]}") from exc
     return network.to(device).eval()
+
+
+def calibrate_threshold(classifier: torch.nn.Module, path, dataloader, out_json, target_recall: float = 0.95,
+                        device="cpu") -> dict:
+    """Choose the gate's threshold on the validation slices: the highest one that keeps ``target_recall``.
+
+    The paper does not give the classifier's operating point. A slice the gate rejects is lost to
+    SANet, so the cascade needs a high slice recall more than a high precision: this picks the
+    largest threshold ``t`` with ``recall(p > t) >= target_recall`` on the validation fold (``p``:
+    softmax probability of "contains GTV") and writes it with its recall and precision to ``out_json``.
+
+    Args:
+        classifier: the classifier network (``network_def`` of ``train_classifier.yaml``).
+        path: the trained weights (``classifier.pt``, the best by validation).
+        dataloader: the validation slice loader (items with ``image`` and ``has_gtv``).
+        out_json: file to write (``ckpt_dir/classifier_threshold.json``; rank 0, atomically).
+        target_recall: slice recall to keep, in (0, 1].
+        device: where to run the classifier.
+
+    Returns:
+        ``{"threshold", "target_recall", "recall", "precision", "positives", "slices"}``; with no
+        positive validation slice the threshold stays 0.5.
+    """
+    from npc_gtv.training import is_rank0
+    from shared_transforms.io import atomic_write
+
+    if not 0.0 < float(target_recall) <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    net = load_classifier(classifier, path, device)
+    probs, flags = [], []
+    with torch.no_grad():
+        for batch in dataloader:
+            x = torch.as_tensor(batch["image"]).to(device=device, dtype=torch.float32)
+            probs.append(torch.softmax(net(x).float(), 1)[:, 1].cpu())
+            flags.append(torch.as_tensor(batch["has_gtv"]).reshape(-1).cpu())
+    p, y = torch.cat(probs), torch.cat(flags).bool()
+    pos = p[y]
+    if pos.numel() == 0:
+        threshold = 0.5
+    else:
+        # keep ceil(target * n) positives: the threshold sits just below the k-th highest positive score
+        k = max(1, math.ceil(float(target_recall) * pos.numel()))
+        kth = float(torch.sort(pos, descending=True).values[k - 1])
+        threshold = max(0.0, min(0.5, kth - 1e-6))
+    kept = p > threshold
+    tp, fp = int((kept & y).sum()), int((kept & ~y).sum())
+    result = {"threshold": threshold, "target_recall": float(target_recall),
+              "recall": tp / max(int(y.sum()), 1), "precision": tp / max(tp + fp, 1),
+              "positives": int(y.sum()), "slices": int(p.numel())}
+    if is_rank0():
+        with atomic_write(out_json) as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=2))
+        print(f"gate threshold {threshold:.4f} (slice recall {result['recall']:.3f}, precision {result['precision']:.3f} "
+              f"on {result['slices']} validation slices; target recall {target_recall}) written to {out_json}", flush=True)
+    return result
+
+
+def gate_threshold(setting, calibrated_json) -> float:
+    """The gate threshold of inference: a number, or ``"auto"`` (the calibrated one, else 0.5).
+
+    Args:
+        setting: ``cls_threshold`` of ``inference.yaml``: a number in [0, 1] or ``"auto"``.
+        calibrated_json: ``classifier_threshold.json`` written by the classifier training.
+    """
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        path = Path(calibrated_json)
+        if path.is_file():
+            return float(json.loads(path.read_text())["threshold"])
+        print(f"cls_threshold auto: no {path} (train the classifier with this bundle's train_classifier.yaml); using 0.5", flush=True)
+        return 0.5
+    value = float(setting)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"cls_threshold must be in [0, 1] or 'auto', got {setting!r}")
+    return value
 
 
 def _json_safe(obj):
