@@ -241,30 +241,10 @@ def _state_dict_of(obj: Any, key: str) -> Any:
     return to_cpu(target.state_dict())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flush + fsync, then ``os.replace``."""
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
-    _fsync_dir(path.parent)
+    """``torch.save`` through :func:`shared_transforms.io.atomic_write`: temporary file, fsync, rename, umask mode."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 # ----------------------------------------------------------------------------------------------- loading
