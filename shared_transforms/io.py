@@ -66,10 +66,15 @@ SPACING_RANGE_MM = (0.05, 15.0)
 class InputError(ValueError):
     """Bad input data. The message always names the offending file (or case) and the problem."""
 
-    def __init__(self, source: str | os.PathLike | None, problem: str):
+    def __init__(self, source: str | os.PathLike | None, problem: str | None = None):
+        if problem is None:  # one argument: a whole message (e.g. re-raised by torch's DataLoader from a worker)
+            source, problem = None, str(source)
         self.source = None if source is None else str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}" if self.source else problem)
+
+    def __reduce__(self):  # picklable across processes with its two fields
+        return (type(self), (self.source, self.problem))
 
 
 def input_error_from(exc: BaseException | None) -> InputError | None:
