@@ -448,6 +448,8 @@ def _schedule_config(obj) -> dict:
     import copy
 
     sched = unwrap_module(obj)
+    if hasattr(sched, "_schedulers"):  # SequentialLR / ChainedScheduler: containers of schedulers, left as restored
+        return {}
     names = set()
     for cls in type(sched).__mro__:
         init = cls.__dict__.get("__init__")

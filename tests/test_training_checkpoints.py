@@ -377,3 +377,20 @@ def test_more_epochs_continue_with_the_schedule_extended(tmp_path, scheduler, ep
     got = [lr for _, lr in resumed]
     assert min(got) > 0.0
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_container_schedulers_are_restored_as_they_were(tmp_path):
+    """SequentialLR holds other schedulers (and through them the optimiser): restored unchanged, never deep-copied."""
+
+    def sequential(opt, epochs, length):
+        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2)
+        poly = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=epochs * length)
+        return torch.optim.lr_scheduler.SequentialLR(opt, [warm, poly], milestones=[2])
+
+    data = [{"image": "a"}, {"image": "b"}]
+    tr, _ = _data_trainer(tmp_path, data, epochs=1, scheduler=sequential, epoch_level=False)
+    tr.run()
+    tr, handler = _data_trainer(tmp_path, data, epochs=2, scheduler=sequential, epoch_level=False)
+    assert handler.resumed_from == {"epoch": 1, "iteration": 2}
+    tr.run()
+    assert load_weights(tmp_path / "ckpt" / CHECKPOINT_NAME)["_engine"]["epoch"] == 2
