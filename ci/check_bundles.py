@@ -312,8 +312,10 @@ def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None
                 if label != "train" and not trained.is_file():
                     record(label, "skip", "no trained model.pt (train failed)", start)
                     continue
+                # inference writes its own folder: predictions of the eval step are never overwritten (refused)
+                step_overrides = {**overrides, "output_dir": str(work / "infer")} if label == "infer" else overrides
                 ok, out = _run([py, str(CI_DIR / "run_workflow.py"), str(bundle), wf, *cfgs,
-                                "--override", json.dumps(overrides)], bundle, env, timeout)
+                                "--override", json.dumps(step_overrides)], bundle, env, timeout)
                 msg = ""
                 if not ok:
                     found = re.search(r"CHECK-PROPERTIES-MISSING (.*)", out)

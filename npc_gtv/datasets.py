@@ -16,7 +16,10 @@ and ``test`` lists of ``{"image", "label", "case_id", ...}`` (multi-channel: ``i
 NIfTI sources are referenced in place by absolute path (``copy=True`` copies them into
 ``imagesTr`` / ``labelsTr``); DICOM sources and labels that need binarising are written as NIfTI.
 Every image/label pair is checked (readable header, 3D, same grid) and labels are checked to be
-binary (``check_labels``), so a broken case is reported by name before any training starts.
+binary (``check_labels``); every listed image is then decompressed completely and checked for
+non-finite voxels and a usable geometry (:func:`check_files`, in parallel threads: gzip
+decompression releases the GIL), so a truncated or NaN-holding case is reported by name before
+any training starts, and nothing is listed or copied (``--copy``) before all files passed.
 Nothing is written inside the source tree's files: outputs go to ``OUT`` atomically.
 """
 
@@ -25,14 +28,16 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from shared_transforms.io import InputError, atomic_write, check_label_array, save_nifti
+from shared_transforms.io import InputError, atomic_write, check_affine, check_label_array, nifti_header_problem, save_nifti
 
 __all__ = [
     "template_cases",
@@ -41,6 +46,7 @@ __all__ = [
     "convert_structseg2019",
     "convert_npc_mri",
     "convert_command",
+    "check_files",
     "FORMATS",
 ]
 
@@ -141,6 +147,50 @@ def _check_pair(image, label, case, check_labels: bool, label_value: int | None)
     return None
 
 
+def _check_file(path: Path) -> str | None:
+    """Problem of one NIfTI file when read completely (truncation, NaN/inf voxels, geometry), or None."""
+    import nibabel as nib
+
+    problem = nifti_header_problem(path)
+    if problem:
+        return problem
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel / gzip / zlib raise many types for broken files
+        return " ".join(f"cannot be read completely ({type(exc).__name__}: {exc}); truncated or corrupt file?".split())
+    try:
+        check_affine(img.affine, path)
+    except InputError as exc:
+        return exc.problem
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            return f"{bad} NaN/inf voxel(s)"
+    return None
+
+
+def check_files(paths: Sequence, *, workers: int | None = None) -> None:
+    """Read every file completely and check it (:func:`_check_file`), in parallel threads.
+
+    Raises:
+        InputError: naming the first broken file and its problem, and how many others are broken.
+    """
+    unique = list(dict.fromkeys(Path(p) for p in paths))
+    if not unique:
+        return
+    workers = workers or min(8, os.cpu_count() or 1, len(unique))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems = [(p, msg) for p, msg in zip(unique, pool.map(_check_file, unique)) if msg]
+    if problems:
+        first, msg = problems[0]
+        more = ""
+        if len(problems) > 1:
+            others = ", ".join(str(p) for p, _ in problems[1:4]) + (" ..." if len(problems) > 4 else "")
+            more = f" (and {len(problems) - 1} more broken file(s): {others})"
+        raise InputError(first, f"{msg}{more}; nothing was written")
+
+
 def _split(cases: list[str], test_fraction: float, seed: int) -> set[str]:
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
@@ -235,8 +285,7 @@ def convert_glob(
     cases = template_cases(source, templates[0])
     if not cases:
         raise InputError(source, f"no case matches {templates[0]!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    entries, unlabelled = {}, []
+    planned = []
     for case, first in cases.items():
         channels = [first]
         for t in templates[1:]:
@@ -250,6 +299,12 @@ def convert_glob(
         for ch in channels[1:]:
             _check_pair(channels[0], ch, case, check_labels=False, label_value=None)
         binary = _check_pair(channels[0], lab, case, check_labels, label_value) if lab is not None else None
+        planned.append((case, channels, lab, binary))
+    # every file read completely before anything is written or listed
+    check_files([p for _, channels, lab, _ in planned for p in [*channels, *([lab] if lab is not None else [])]])
+    out.mkdir(parents=True, exist_ok=True)
+    entries, unlabelled = {}, []
+    for case, channels, lab, binary in planned:
         if copy:
             channels = [
                 _copy(p, out / "imagesTr" / f"{case}{'' if len(channels) == 1 else f'_{i:04d}'}.nii.gz", overwrite)

@@ -20,12 +20,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from shared_transforms.io import atomic_write, fsync_path, make_temp_dir
 
 __all__ = [
     "Phantom",
@@ -529,8 +530,7 @@ def generate_dataset(
     n_test = 0 if cases < 2 else max(1, int(round(cases * float(test_fraction))))
     n_test = min(n_test, cases - 1)
     # write into a temporary sibling, then rename: a crash never leaves a half data set behind
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.")  # mode 0777 & ~umask, not mkdtemp's 0700
     try:
         entries = {"training": [], "test": []}
         rows = []
@@ -566,11 +566,14 @@ def generate_dataset(
             "test": entries["test"],
             "case_info": {r["case_id"]: {k: v for k, v in r.items() if k != "case_id"} for r in rows},
         }
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
-        _write_cases_csv(tmp / "cases.csv", rows)
+        with atomic_write(tmp / "dataset.json") as path:
+            path.write_text(json.dumps(meta, indent=2))
+        with atomic_write(tmp / "cases.csv") as path:
+            _write_cases_csv(path, rows)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
+        fsync_path(out.parent, directory=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

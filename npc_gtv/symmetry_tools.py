@@ -29,9 +29,18 @@ def _cast_like(array: np.ndarray, dtype) -> np.ndarray:
     return array.astype(np.float32 if dtype.itemsize <= 4 else dtype)
 
 
-def _write_report(path, report: dict, inputs) -> None:
-    with atomic_write(path, inputs=inputs) as tmp:
+def _write_report(path, report: dict, inputs, overwrite: bool = False) -> None:
+    with atomic_write(path, inputs=inputs, overwrite=overwrite) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _refuse_existing(paths, overwrite: bool) -> None:
+    """One overwrite rule for every command: existing outputs are refused (before any work) unless ``overwrite``."""
+    if overwrite:
+        return
+    for path in paths:
+        if path and Path(path).exists():
+            raise InputError(path, "already exists; refusing to overwrite (--overwrite replaces it, or choose another output)")
 
 
 def _summary(rep: dict) -> str:
@@ -58,6 +67,7 @@ def symmetrize_command(
     on_failure: str = "raise",
     working_spacing_mm: float = 4.0,
     max_angle_deg: float = 25.0,
+    overwrite: bool = False,
 ) -> None:
     """Make one head CT/MRI volume bilaterally symmetric about its grid's central sagittal plane.
 
@@ -75,17 +85,18 @@ def symmetrize_command(
             (write the volume anyway, flagged in the report).
         working_spacing_mm: voxel size of the down-sampled copy the registration runs on.
         max_angle_deg: a plane tilted more than this from the grid's sagittal plane is a failure.
+        overwrite: replace existing outputs (default: refuse, before any work).
     """
     try:
         _symmetrize(input, output, atlas, report, label, label_output, metric, atlas_transform, output_affine,
-                    on_failure, working_spacing_mm, max_angle_deg)
+                    on_failure, working_spacing_mm, max_angle_deg, overwrite)
     except InputError as exc:  # bad input: one clear line naming the file, exit status 1
         print(f"npc-gtv symmetrize: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
 def _symmetrize(input, output, atlas, report, label, label_output, metric, atlas_transform, output_affine,
-                on_failure, working_spacing_mm, max_angle_deg) -> None:
+                on_failure, working_spacing_mm, max_angle_deg, overwrite=False) -> None:
     from shared_transforms.symmetry import apply_symmetry, estimate_symmetry
 
     if on_failure not in ("raise", "warn"):
@@ -98,6 +109,7 @@ def _symmetrize(input, output, atlas, report, label, label_output, metric, atlas
     for out_path in (output, label_output, report):
         if out_path:
             ensure_not_input(out_path, inputs)  # before any work
+    _refuse_existing((output, label_output, report), overwrite)
     arr, aff = load_nifti(input)
     lab = None
     if label is not None:
@@ -110,7 +122,7 @@ def _symmetrize(input, output, atlas, report, label, label_output, metric, atlas
     for w in result.warnings:
         print(f"warning: {input}: {w}", file=sys.stderr)
     if report:
-        _write_report(report, rep, inputs)
+        _write_report(report, rep, inputs, overwrite)
     print(_summary(rep))
     if not result.ok:
         msg = f"{input}: symmetric registration failed: {'; '.join(result.problems)}"
@@ -121,17 +133,18 @@ def _symmetrize(input, output, atlas, report, label, label_output, metric, atlas
     out_aff = result.output_affine if output_affine == "grid" else result.transform @ result.output_affine
     moved = apply_symmetry(arr, result.transform, aff, result.output_shape, result.output_affine, "bilinear",
                            cval=float(arr.min()))
-    save_nifti(_cast_like(moved, arr.dtype), out_aff, output, inputs=inputs)
+    save_nifti(_cast_like(moved, arr.dtype), out_aff, output, inputs=inputs, overwrite=overwrite)
     print(f"wrote {output}")
     if lab is not None:
         moved_lab = apply_symmetry(lab, result.transform, aff, result.output_shape, result.output_affine, "nearest")
-        save_nifti(moved_lab.astype(np.uint8), out_aff, label_output, inputs=inputs + [output])
+        save_nifti(moved_lab.astype(np.uint8), out_aff, label_output, inputs=inputs + [output], overwrite=overwrite)
         print(f"wrote {label_output}")
     if report:
         print(f"wrote {report}")
 
 
-def make_atlas_command(input: str, output: str, report: str | None = None, working_spacing_mm: float = 4.0) -> None:
+def make_atlas_command(input: str, output: str, report: str | None = None, working_spacing_mm: float = 4.0,
+                       overwrite: bool = False) -> None:
     """Build a symmetric atlas from one CT: align it to its own mirror, then average it with its mirror.
 
     Choose a CT without large asymmetric disease or artefacts, with the whole head in view.
@@ -142,11 +155,13 @@ def make_atlas_command(input: str, output: str, report: str | None = None, worki
             central sagittal plane; pass it to ``npc-gtv symmetrize --atlas`` or ``SymmetricAlignd(atlas=...)``.
         report: optional JSON report of the alignment.
         working_spacing_mm: voxel size of the down-sampled copy the registration runs on.
+        overwrite: replace existing outputs (default: refuse, before any work).
     """
     from shared_transforms.symmetry import SymmetryError, make_symmetric_atlas
 
     try:
         ensure_not_input(output, [input])
+        _refuse_existing((output, report), overwrite)
         arr, aff = load_nifti(input)
         atlas, atlas_aff, result = make_symmetric_atlas(arr.astype(np.float32), aff, case=str(input),
                                                         working_spacing_mm=working_spacing_mm)
@@ -156,8 +171,8 @@ def make_atlas_command(input: str, output: str, report: str | None = None, worki
     rep = result.report()
     rep.update({"input": str(input), "output": str(output), "atlas": True})
     print(_summary(rep))
-    save_nifti(_cast_like(atlas, arr.dtype), atlas_aff, output, inputs=[input])
+    save_nifti(_cast_like(atlas, arr.dtype), atlas_aff, output, inputs=[input], overwrite=overwrite)
     print(f"wrote {output}")
     if report:
-        _write_report(report, rep, [input, output])
+        _write_report(report, rep, [input, output], overwrite)
         print(f"wrote {report}")

@@ -33,17 +33,31 @@ Resume semantics (see also ``docs/operating.md``):
 * Rerunning a training that already reached ``max_epochs`` does nothing (it is not restarted from
   epoch 0); raise ``max_epochs`` to train longer, or delete ``checkpoint_last.pt`` / set
   ``resume=False`` to start again.
-* The checkpoint records a fingerprint of the training data list (``train#dataset#data``). When the
-  data list has changed (a different data set, MONAI Label retraining after new labels) the handler
-  starts a new training instead of resuming a run made on other data, and says so in the log.
+* The checkpoint records a fingerprint of the training data list (``train#dataset#data``) keyed on
+  *content*, not on the spelling of the paths: every entry that names an existing file (or folder) is
+  replaced by the SHA-256 of its bytes (cached in ``save_dir/.data_hashes.json`` by resolved path,
+  size and modification time), so the same data reached through a symlink, a relative path or a copy
+  resume the training. When the data have changed (a different data set, MONAI Label retraining
+  after new labels) the handler starts a new training instead of resuming a run made on other data,
+  says so in the log, and keeps the earlier checkpoint as ``checkpoint_previous.pt``.
+* Raising the epoch count of a finished (or running) training continues it with the learning-rate
+  schedule extended to the new length: a restored ``torch.optim.lr_scheduler`` keeps its counters,
+  base learning rates and progress, but takes the *configured* lengths (``total_iters``, ``T_max``,
+  ``T_0``, ``step_size``, milestones, ``lr_lambda`` functions ...: every constructor argument of the
+  freshly built scheduler), and the optimiser's learning rates are set to the new schedule's value at
+  the restored step. This works for epoch- and iteration-level stepping alike.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
 import os
 import pickle
 import random
+import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -67,11 +81,16 @@ __all__ = [
     "restore_rng_state",
     "is_rank0",
     "data_fingerprint",
+    "PREVIOUS_NAME",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
+PREVIOUS_NAME = "checkpoint_previous.pt"
+_HASH_CACHE = ".data_hashes.json"
+#: what a checkpoint error tells the user to do
+_RECOVER = "delete it to start over or point `ckpt_dir` elsewhere"
 CHECKPOINT_FORMAT = "npc_gtv.resumable_checkpoint/1"
 # reserved top-level keys of checkpoint_last.pt; the save_dict entries sit beside them at top level so
 # that MONAI's own CheckpointLoader can also read e.g. the "model" entry from the file
@@ -212,20 +231,118 @@ def _random_transforms(engine) -> list:
     return found
 
 
-def data_fingerprint(engine) -> str | None:
-    """SHA-256 of the training data list (``engine.data_loader.dataset.data``), or None when not available.
-
-    Lets a resume tell "the same training, rerun" from "a new training on other data" (e.g. MONAI Label
-    retraining with new labels, which overrides ``train#dataset#data``).
-    """
-    import hashlib
-    import json
-
+def _engine_data(engine):
     loader = getattr(engine, "data_loader", None)
     if loader is None:
         loader = getattr(getattr(engine, "state", None), "dataloader", None)
     data = getattr(getattr(loader, "dataset", None), "data", None)
     if data is None or isinstance(data, (torch.Tensor, np.ndarray)):
+        return None
+    return data
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _ContentHasher:
+    """SHA-256 of files and folders, cached by (resolved path, size, mtime) in a small JSON file."""
+
+    def __init__(self, cache_file: Path | None = None):
+        self.cache_file = cache_file
+        self.cache: dict[str, list] = {}
+        self.changed = False
+        if cache_file is not None and cache_file.is_file():
+            try:
+                self.cache = dict(json.loads(cache_file.read_text()))
+            except (OSError, ValueError):
+                self.cache = {}
+
+    def file(self, path: Path) -> str:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = self.cache.get(real)
+        if hit and hit[:2] == stamp:
+            return hit[2]
+        value = _file_sha256(Path(real))
+        self.cache[real] = [*stamp, value]
+        self.changed = True
+        return value
+
+    def folder(self, path: Path) -> str:
+        digest = hashlib.sha256()
+        for root, dirs, files in os.walk(os.path.realpath(path)):
+            dirs.sort()
+            for name in sorted(files):
+                full = Path(root) / name
+                digest.update(os.path.relpath(full, os.path.realpath(path)).encode())
+                digest.update(self.file(full).encode())
+        return digest.hexdigest()
+
+    def save(self) -> None:
+        if self.cache_file is None or not self.changed or not is_rank0():
+            return
+        try:
+            from shared_transforms.io import atomic_write
+
+            with atomic_write(self.cache_file) as tmp:
+                tmp.write_text(json.dumps(self.cache))
+        except (OSError, ValueError):  # only a cache
+            pass
+
+
+def _content_view(obj, hasher: _ContentHasher):
+    """The data list with every existing file / folder path replaced by its content hash."""
+    if isinstance(obj, Mapping):
+        return {str(k): _content_view(v, hasher) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_content_view(v, hasher) for v in obj]
+    if isinstance(obj, (str, os.PathLike)) and len(str(obj)) < 4096:
+        path = Path(obj)
+        try:
+            if path.is_file():
+                return "sha256:" + hasher.file(path)
+            if path.is_dir():
+                return "dir-sha256:" + hasher.folder(path)
+        except OSError:
+            return str(obj)
+        return str(obj)
+    return obj
+
+
+def data_fingerprint(engine, cache_dir=None) -> str | None:
+    """SHA-256 of the training data list (``engine.data_loader.dataset.data``) by content, or None.
+
+    Each entry that names an existing file or folder counts by the SHA-256 of its bytes, not by the
+    spelling of its path, so the same data reached through a symlink, a relative path or another copy
+    give the same fingerprint. Lets a resume tell "the same training, rerun" from "a new training on
+    other data" (e.g. MONAI Label retraining with new labels, which overrides ``train#dataset#data``).
+
+    Args:
+        engine: the trainer.
+        cache_dir: folder of the hash cache (``.data_hashes.json``; None: no cache).
+    """
+    data = _engine_data(engine)
+    if data is None:
+        return None
+    hasher = _ContentHasher(None if cache_dir is None else Path(cache_dir) / _HASH_CACHE)
+    try:
+        text = json.dumps(_content_view(data, hasher), sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return None
+    hasher.save()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _path_fingerprint(engine) -> str | None:
+    """The fingerprint of earlier versions (path spelling), so their checkpoints still resume."""
+    data = _engine_data(engine)
+    if data is None:
         return None
     try:
         text = json.dumps(data, sort_keys=True, default=str)
@@ -241,30 +358,10 @@ def _state_dict_of(obj: Any, key: str) -> Any:
     return to_cpu(target.state_dict())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flush + fsync, then ``os.replace``."""
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
-    _fsync_dir(path.parent)
+    """``torch.save`` through :func:`shared_transforms.io.atomic_write`: temporary file, fsync, rename, umask mode."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -280,8 +377,9 @@ def load_weights(path, map_location="cpu") -> dict:
         the loaded mapping (tensors on ``map_location``).
 
     Raises:
-        InputError: the file is missing or a directory, is truncated/corrupt, is a pickle that
-            ``weights_only`` refuses (arbitrary python objects, possibly tampered), or is not a mapping.
+        InputError: the file is missing or a directory, is truncated/corrupt or not a checkpoint at all,
+            is a pickle holding arbitrary Python objects (refused: it could run code), or is not a
+            mapping. The message says how to recover (delete the file or point ``ckpt_dir`` elsewhere).
     """
     path = Path(path)
     if not path.exists():
@@ -291,14 +389,19 @@ def load_weights(path, map_location="cpu") -> dict:
     try:
         obj = torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            path,
-            "refused to load: not a plain weights/checkpoint file (torch.load(weights_only=True) rejected it: "
-            f"{first}). It may have been tampered with; only load checkpoints from trusted sources",
-        ) from exc
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found:  # a well-formed pickle holding objects other than weights: loading it could run code
+            raise InputError(
+                path,
+                f"refused to load: the file holds Python objects other than weights ({found.group(1)}), which could run "
+                f"code when loaded; it is not a checkpoint of this toolkit: {_RECOVER} (load checkpoints only from trusted "
+                "sources)",
+            ) from exc
+        raise InputError(path, f"file is corrupt or not a checkpoint of this toolkit; {_RECOVER}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise InputError(path, f"checkpoint is corrupt or truncated ({type(exc).__name__}: {str(exc).strip()[:200]})") from exc
+        detail = " ".join(str(exc).strip().split(".")[0].split())[:120]
+        raise InputError(path, f"file is corrupt or not a checkpoint of this toolkit ({type(exc).__name__}: {detail}); "
+                               f"{_RECOVER}") from exc
     if not isinstance(obj, Mapping):
         raise InputError(path, f"expected a state_dict (mapping) but the file holds a {type(obj).__name__}")
     return obj
@@ -326,6 +429,99 @@ def _load_into(obj: Any, state: Any, key: str, source, strict: bool = True) -> N
             target.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise InputError(source, f"entry {key!r} does not fit {type(target).__name__}: {str(exc).strip()[:500]}") from exc
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+# attributes of a scheduler that hold its progress (restored); everything else it was built with comes from
+# the configuration, so a longer training gets a longer schedule
+_SCHEDULE_PROGRESS = {"optimizer", "last_epoch", "_step_count", "base_lrs", "_last_lr", "_get_lr_called_within_step",
+                      "_is_initial", "T_cur", "T_i", "_initial_step", "verbose", "lr_lambdas"}
+
+
+def _is_lr_scheduler(obj) -> bool:
+    base = getattr(torch.optim.lr_scheduler, "LRScheduler", None) or torch.optim.lr_scheduler._LRScheduler
+    return isinstance(unwrap_module(obj), base)
+
+
+def _schedule_config(obj) -> dict:
+    """The configured lengths / hyper-parameters of a freshly built scheduler (before its state is loaded)."""
+    import copy
+
+    sched = unwrap_module(obj)
+    if hasattr(sched, "_schedulers"):  # SequentialLR / ChainedScheduler: containers of schedulers, left as restored
+        return {}
+    names = set()
+    for cls in type(sched).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            try:
+                names |= set(inspect.signature(init).parameters)
+            except (TypeError, ValueError):
+                pass
+    names |= {"_schedule_phases", "total_steps", "lr_lambda"}
+    names -= _SCHEDULE_PROGRESS | {"self", "args", "kwargs"}
+    config = {name: copy.deepcopy(sched.__dict__[name]) for name in names if name in sched.__dict__}
+    lambdas = getattr(sched, "lr_lambdas", None)
+    if isinstance(lambdas, list):  # callable objects get their __dict__ restored by load_state_dict: keep the fresh one
+        config["__lr_lambda_dicts__"] = [copy.deepcopy(vars(f)) if hasattr(f, "__dict__") else None for f in lambdas]
+    return config
+
+
+def _differs(a, b) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 - e.g. tensors: compare their values
+        try:
+            return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+        except Exception:  # noqa: BLE001
+            return True
+
+
+def _scheduled_lrs(sched) -> list | None:
+    """The learning rates ``sched`` gives at its current step, from the closed form of its schedule."""
+    import math
+
+    from torch.optim import lr_scheduler as lrs
+
+    if isinstance(sched, (lrs.LambdaLR,)):
+        return [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    if isinstance(sched, lrs.CosineAnnealingWarmRestarts):
+        return [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * sched.T_cur / sched.T_i)) / 2
+                for base in sched.base_lrs]
+    if hasattr(sched, "_get_closed_form_lr"):
+        return list(sched._get_closed_form_lr())
+    return None
+
+
+def _extend_schedule(sched, config: Mapping, source) -> None:
+    """Put the configured schedule (lengths, lambdas) back on a restored scheduler and its optimiser's lrs."""
+    from torch.optim import lr_scheduler as lrs
+
+    changed = [name for name, value in config.items() if not name.startswith("__") and _differs(sched.__dict__.get(name), value)]
+    for name, value in config.items():
+        if not name.startswith("__"):
+            sched.__dict__[name] = value
+    for fn, fresh in zip(getattr(sched, "lr_lambdas", None) or [], config.get("__lr_lambda_dicts__", [])):
+        if fresh is not None and hasattr(fn, "__dict__") and vars(fn) != fresh:
+            vars(fn).clear()
+            vars(fn).update(fresh)
+            changed.append("lr_lambda")
+    if isinstance(sched, lrs.CosineAnnealingWarmRestarts) and sched.T_mult == 1 and sched.T_i != sched.T_0:
+        sched.T_i = sched.T_0
+        changed.append("T_i")
+    if not changed and not isinstance(sched, lrs.LambdaLR):
+        return  # the same schedule: the restored learning rates are exact (bit-identical resume)
+    lrs_now = _scheduled_lrs(sched)
+    if lrs_now is None:
+        logger.warning("%s: the schedule changed (%s) but %s has no closed form; the learning rate continues from the "
+                       "restored value", source, ", ".join(changed), type(sched).__name__)
+        return
+    for group, lr in zip(sched.optimizer.param_groups, lrs_now):
+        group["lr"] = lr
+    sched._last_lr = list(lrs_now)
+    if changed:
+        logger.info("%s: schedule taken from the configuration (%s changed); learning rate at step %d: %s", source,
+                    ", ".join(sorted(set(changed))), sched.last_epoch, ", ".join(f"{v:.4g}" for v in lrs_now))
 
 
 class SafeCheckpointLoader:
@@ -434,6 +630,7 @@ class ResumableCheckpoint:
         self._already_complete = False
         self._check_complete = False
         self._savers_registered = False
+        self._fingerprint: str | None = None
 
     @property
     def last_path(self) -> Path:
@@ -459,31 +656,41 @@ class ResumableCheckpoint:
     def _remove_stale_temporaries(self) -> None:
         # a SIGKILL during a save leaves ".checkpoint_last.pt.XXXX.pt"; the real file is intact
         if self.save_dir.is_dir():
-            for name in (CHECKPOINT_NAME, self.final_name):
+            for name in (CHECKPOINT_NAME, self.final_name, _HASH_CACHE):
                 if name:
-                    for stale in self.save_dir.glob(f".{name}.*"):
+                    for stale in self.save_dir.glob(f".{name.lstrip('.')}.*"):
                         stale.unlink(missing_ok=True)
+
+    def _data_print(self, engine) -> str | None:
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(engine, cache_dir=self.save_dir if self.save_dir.is_dir() else None)
+        return self._fingerprint
 
     def _restore(self, engine) -> None:
         path = self.last_path
         checkpoint = load_weights(path, "cpu")
         if checkpoint.get("_format") != CHECKPOINT_FORMAT:
-            raise InputError(path, f"not a resumable checkpoint of this toolkit (format {checkpoint.get('_format')!r}); "
-                                   "move it away or set resume=False")
+            raise InputError(path, f"file is not a resumable checkpoint of this toolkit (format {checkpoint.get('_format')!r}); "
+                                   f"{_RECOVER}, or set resume=False")
         saved_print = checkpoint.get("_data")
-        current_print = data_fingerprint(engine)
-        if saved_print and current_print and saved_print != current_print:
+        current_print = self._data_print(engine)
+        if saved_print and current_print and saved_print not in (current_print, _path_fingerprint(engine)):
+            if is_rank0():
+                os.replace(path, self.save_dir / PREVIOUS_NAME)
             logger.warning(
-                "%s: the training data list differs from the one this checkpoint was trained on; starting a new "
-                "training instead of resuming (the file is replaced at the next save)", path,
+                "%s: the training data (by content) differ from those this checkpoint was trained on; starting a new "
+                "training instead of resuming (the earlier checkpoint is kept as %s)", path, self.save_dir / PREVIOUS_NAME,
             )
             return
         missing = [k for k in self.save_dict if k not in checkpoint]
         if missing:
             raise InputError(path, f"checkpoint has no entries {missing} (has {[k for k in checkpoint if k not in _RESERVED]}); "
-                                   "it was written by a different training config")
+                                   f"it was written by a different training config: {_RECOVER}")
+        schedules = {key: _schedule_config(obj) for key, obj in self.save_dict.items() if _is_lr_scheduler(obj)}
         for key, obj in self.save_dict.items():
             _load_into(obj, checkpoint[key], key, path, strict=True)
+        for key, config in schedules.items():  # after the optimiser, whose learning rates it sets
+            _extend_schedule(unwrap_module(self.save_dict[key]), config, f"{path} [{key}]")
 
         saved = dict(checkpoint["_engine"])
         saved_len = int(saved["epoch_length"]) if saved.get("epoch_length") else None
@@ -570,7 +777,7 @@ class ResumableCheckpoint:
         }
         payload["_rng"] = capture_rng_state()
         payload["_transform_rng"] = [_numpy_state_to_dict(t.R.get_state()) for t in _random_transforms(engine)]
-        payload["_data"] = data_fingerprint(engine)
+        payload["_data"] = self._data_print(engine)
         return payload
 
     def save(self, engine) -> None:

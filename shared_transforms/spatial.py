@@ -9,6 +9,9 @@ prediction back on the input image's exact grid (same shape, same affine).
   ``1 x 1 x 3`` mm, images (bi/tri)linear, labels nearest, and the target spacing given per
   *world* axis (left-right, anterior-posterior, superior-inferior) and mapped onto the array axes
   through the affine, so that the 3 mm always goes to the slice axis whatever the array order.
+  Before resampling, the memory the output and MONAI's sampling grid need is estimated
+  (:func:`check_resample_memory`); a resampling that cannot fit is refused with a message
+  naming the file, instead of failing (or swapping) in the middle of an allocation.
 * :class:`BodyCrop` / :class:`BodyCropd` crop to the bounding box of the body as the HCF paper
   describes: threshold, binary erosion, largest connected component, bounding box (+ margin).
   They subclass MONAI's ``CropForeground`` / ``CropForegroundd`` and follow their push/pop
@@ -33,6 +36,8 @@ from shared_transforms.postprocess import largest_component
 
 __all__ = [
     "DEFAULT_SPACING",
+    "available_memory",
+    "check_resample_memory",
     "world_to_array_pixdim",
     "ResampleToSpacing",
     "ResampleToSpacingd",
@@ -68,6 +73,71 @@ def world_to_array_pixdim(pixdim: Sequence[float], affine) -> tuple[float, float
     for world, arr_axis in enumerate(axes):
         out[arr_axis] = pixdim[world]
     return tuple(out)
+
+
+def available_memory(device=None) -> int | None:
+    """Bytes of memory available for a new allocation on ``device`` (CPU: ``MemAvailable``), None if unknown."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(dev)
+            return int(free)
+        except Exception:  # noqa: BLE001 - no CUDA context: unknown
+            return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_resample_memory(out_shape, channels: int = 1, source=None, *, device=None, bytes_per_voxel: int = 4,
+                          work_factor: float = 4.0, in_spacing=None, out_spacing=None, available: int | None = None) -> int:
+    """Refuse a resampling whose output cannot fit in memory, before it starts.
+
+    The estimate is ``prod(out_shape) * bytes_per_voxel * (channels + work_factor)``: the output
+    plus MONAI's / ITK's sampling grid (about four values per output voxel in 3D).
+
+    Args:
+        out_shape: spatial shape of the resampled volume.
+        channels: number of channels resampled.
+        source: file name for the message.
+        device: where the resampling runs (CPU memory or the CUDA device's free memory).
+        bytes_per_voxel: size of one output value.
+        work_factor: further values per output voxel needed while resampling.
+        in_spacing, out_spacing: shown in the message.
+        available: bytes available (default: :func:`available_memory`).
+
+    Returns:
+        the estimated bytes.
+
+    Raises:
+        InputError: the estimate exceeds the available memory.
+    """
+    n = float(np.prod([max(int(v), 1) for v in out_shape]))
+    need = int(n * bytes_per_voxel * (max(int(channels), 1) + work_factor))
+    avail = available_memory(device) if available is None else int(available)
+    if avail is not None and need > avail:
+        shown = " x ".join(str(int(v)) for v in out_shape)
+        spacing, hint = "", ""
+        if in_spacing is not None and out_spacing is not None:
+            spacing = f" from {' x '.join(f'{v:.3g}' for v in in_spacing)} mm to {' x '.join(f'{v:.3g}' for v in out_spacing)} mm"
+            hint = " (is the input spacing right?)"
+        raise InputError(source, f"resampling{spacing} gives a {shown} volume needing about {_bytes(need)}, but only "
+                                 f"{_bytes(avail)} of memory are available{hint}; refused before starting")
+    return need
 
 
 def _source(img) -> str | None:
@@ -108,6 +178,14 @@ class ResampleToSpacing(Spacing):
             if not isinstance(data_array, MetaTensor):
                 raise ValueError("ResampleToSpacing needs a MetaTensor (its affine tells which axis is which)")
             self.pixdim = np.asarray(world_to_array_pixdim(self.target_pixdim, data_array.peek_pending_affine()), dtype=np.float64)
+        if isinstance(data_array, MetaTensor) and data_array.ndim == 4:
+            affine = np.asarray(data_array.peek_pending_affine(), dtype=np.float64)
+            in_spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            out_spacing = np.where(np.asarray(self.pixdim, np.float64) > 0, np.asarray(self.pixdim, np.float64), in_spacing)
+            shape = np.asarray(data_array.peek_pending_shape(), dtype=np.float64)[-3:]
+            out_shape = np.ceil(shape * in_spacing / np.maximum(out_spacing, 1e-6))
+            check_resample_memory(out_shape, int(data_array.shape[0]), _source(data_array), device=data_array.device,
+                                  in_spacing=in_spacing, out_spacing=out_spacing)
         return super().__call__(data_array, *args, **kwargs)
 
 

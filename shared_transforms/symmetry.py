@@ -71,7 +71,7 @@ from shared_transforms.flip import lr_axis
 from shared_transforms.io import InputError, check_image_array, load_nifti
 from shared_transforms.lattice import lattice_map
 from shared_transforms.spatial import body_mask as _body_mask_ct
-from shared_transforms.spatial import world_to_array_pixdim
+from shared_transforms.spatial import check_resample_memory, world_to_array_pixdim
 
 __all__ = [
     "SymmetryError",
@@ -1188,6 +1188,9 @@ class SymmetricAlign(InvertibleTransform):
             raise InputError(_case_name(img), f"grid {tuple(arr.shape[1:])} does not match the grid the symmetry was "
                                               f"estimated on {tuple(result.input_shape)} (shape or affine differ)")
         cval = 0 if mode == "nearest" else self.cval
+        check_resample_memory(result.output_shape, arr.shape[0], _case_name(img),
+                              in_spacing=np.linalg.norm(in_aff[:3, :3], axis=0),
+                              out_spacing=np.linalg.norm(np.asarray(result.output_affine, float)[:3, :3], axis=0))
         out = apply_symmetry(arr, result.transform, in_aff, result.output_shape, result.output_affine, mode, cval)
         out_aff = result.output_affine if self.output_affine == "grid" else result.transform @ result.output_affine
         device = img.device if isinstance(img, torch.Tensor) else None

@@ -98,3 +98,44 @@ def small_mri_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom_mri")
     generate_dataset(out, cases=3, seed=11, modality="mri", size="small")
     return out
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (full-disk / read-only file-system tests)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A folder on a 256 KiB tmpfs (a full disk after a few writes); skipped where tmpfs cannot be mounted."""
+    where = tmp_path / "tiny_disk"
+    _mount_tmpfs(where, "size=256k,mode=0755")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder on a read-only tmpfs (writes fail with EROFS even as root); skipped where tmpfs cannot be mounted."""
+    where = tmp_path / "readonly"
+    _mount_tmpfs(where, "size=64k,ro")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill_disk(folder: Path) -> None:
+    """Fill the file system of ``folder`` up to the last byte."""
+    try:
+        with open(folder / "filler.bin", "wb", buffering=0) as fh:
+            while True:
+                fh.write(b"\0" * 4096)
+    except OSError:
+        pass

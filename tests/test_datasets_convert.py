@@ -189,3 +189,33 @@ def test_npc_mri_errors(tmp_path):
         convert_npc_mri(src, tmp_path / "o2")
     with pytest.raises(InputError, match="patient folder root"):
         convert_npc_mri(src, tmp_path / "o3", cases_dir="nothere")
+
+
+def test_convert_checks_every_image_and_copies_no_broken_file(tmp_path):
+    """A truncated image and one with NaN voxels were listed in dataset.json; --copy copied the truncated bytes."""
+    import gzip
+
+    src = tmp_path / "src"
+    for case in ("1", "2", "3"):
+        save_nifti(_img(int(case)), _aff(), src / case / "data.nii.gz")
+        save_nifti(_lab(int(case)), _aff(), src / case / "label.nii.gz")
+    good = (src / "2" / "data.nii.gz").read_bytes()
+    raw = gzip.decompress(good)
+    (src / "2" / "data.nii.gz").write_bytes(gzip.compress(raw[: len(raw) - 200]))  # header intact, voxels cut
+    nan = _img(3).astype(np.float32)
+    nan[2, 3, 1] = np.nan
+    save_nifti(nan, _aff(), src / "3" / "data.nii.gz", overwrite=True)
+    with pytest.raises(InputError) as err:
+        convert_structseg2019(src, tmp_path / "out", copy=True)
+    text = str(err.value)
+    assert text.startswith(f"{src / '2' / 'data.nii.gz'}: cannot be read completely")
+    assert f"and 1 more broken file(s): {src / '3' / 'data.nii.gz'}" in text and "nothing was written" in text
+    assert not (tmp_path / "out").exists()  # neither dataset.json nor a copied file
+    save_nifti(_img(2), _aff(), src / "2" / "data.nii.gz", overwrite=True)
+    with pytest.raises(InputError, match=r"3/data.nii.gz: 1 NaN/inf voxel\(s\); nothing was written"):
+        convert_structseg2019(src, tmp_path / "out", copy=True)
+    save_nifti(_img(3), _aff(), src / "3" / "data.nii.gz", overwrite=True)
+    ds = convert_structseg2019(src, tmp_path / "out", copy=True)
+    assert json.loads(ds.read_text())["numTraining"] + json.loads(ds.read_text())["numTest"] == 3
+    for f in (tmp_path / "out" / "imagesTr").iterdir():
+        load_nifti(f)  # every copied file is complete

@@ -125,8 +125,10 @@ def test_mask_not_matching_ct_is_an_error(cases, tmp_path):
     shifted = ph.affine.copy()
     shifted[:3, 3] += 500.0
     far = save_nifti(ph.label, shifted, tmp_path / "far.nii.gz")
-    with pytest.raises(InputError, match="does not overlap"):
+    with pytest.raises(InputError, match="is not on the voxel grid of .* would resample .* --resample"):
         export_rtstruct(ct_dir, far, tmp_path / "RS.dcm")
+    with pytest.raises(InputError, match="does not overlap"):
+        export_rtstruct(ct_dir, far, tmp_path / "RS.dcm", resample=True)
     nonbinary = save_nifti(ph.label * 2, ph.affine, tmp_path / "two.nii.gz")
     with pytest.raises(InputError, match="binary"):
         export_rtstruct(ct_dir, nonbinary, tmp_path / "RS.dcm")
@@ -221,23 +223,36 @@ def test_inference_pipeline_dicom_in_rtstruct_out(cases, tmp_path):
     np.testing.assert_array_equal(read_seg(tmp_path / "CT_seg.dcm", ct), ph.label)
 
 
-def test_save_dicom_rt_distinct_names_for_same_folder_names(cases, tmp_path):
+def test_save_dicom_rt_same_folder_names_need_case_ids(cases, tmp_path):
+    """Two patients' folders both called CT: the second is refused (no silent suffix that the NIfTI name lacks);
+    with a case_id per entry each gets the name the NIfTI prediction beside it gets."""
     from monai.transforms import EnsureChannelFirstd, LoadImaged
 
     from npc_gtv.dicom.transforms import SaveDicomRTd
     from shared_transforms.dicom import DicomSeriesReader
 
-    saver = SaveDicomRTd(keys="pred", output_dir=tmp_path)
     load = LoadImaged(keys="pred", reader=DicomSeriesReader, ensure_channel_first=True)
-    outputs = []
-    for ph, ct_dir, _ in cases:  # both case folders are called "CT"
+
+    def data(ph, ct_dir, case_id=None):
         d = load({"pred": str(ct_dir)})
         d["pred"] = d["pred"] * 0 + torch.as_tensor(ph.label[None].astype(np.float32))
-        saver(d)
-        outputs.append(sorted(p.name for p in tmp_path.glob("*_rtstruct.dcm")))
-    assert outputs[0] == ["CT_rtstruct.dcm"] and len(outputs[1]) == 2
-    for (ph, ct_dir, _), name in zip(cases, ["CT_rtstruct.dcm", next(n for n in outputs[1] if n != "CT_rtstruct.dcm")]):
-        np.testing.assert_array_equal(rasterize_rtstruct(tmp_path / name, read_dicom_series(ct_dir)), ph.label)
+        if case_id:
+            d["case_id"] = case_id
+        return d
+
+    saver = SaveDicomRTd(keys="pred", output_dir=tmp_path / "a")
+    (ph1, ct1, _), (ph2, ct2, _) = cases[:2]  # both case folders are called "CT"
+    saver(data(ph1, ct1))
+    with pytest.raises(InputError, match=r"maps to the output name 'CT', already written in this run for .*distinct 'case_id'"):
+        saver(data(ph2, ct2))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["CT_rtstruct.dcm"]
+    saver = SaveDicomRTd(keys="pred", output_dir=tmp_path / "b")
+    for ph, ct_dir, cid in ((ph1, ct1, "patient1"), (ph2, ct2, "patient2")):
+        saver(data(ph, ct_dir, cid))
+        np.testing.assert_array_equal(rasterize_rtstruct(tmp_path / "b" / f"{cid}_rtstruct.dcm", read_dicom_series(ct_dir)), ph.label)
+    with pytest.raises(InputError, match="patient1_rtstruct.dcm: already exists"):  # a rerun refuses, unless overwrite
+        SaveDicomRTd(keys="pred", output_dir=tmp_path / "b")(data(ph1, ct1, "patient1"))
+    SaveDicomRTd(keys="pred", output_dir=tmp_path / "b", overwrite=True)(data(ph1, ct1, "patient1"))
     with pytest.raises(ValueError, match="at least one"):
         SaveDicomRTd(keys="pred", write_rtstruct=False, write_seg=False)
 
@@ -249,3 +264,21 @@ def _expect_cli_error(capsys, call, match):
         call()
     assert stop.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def test_shifted_mask_is_not_resampled_silently(cases, tmp_path):
+    """rtstruct resampled a half-voxel-shifted mask silently and printed Dice 1.0 against the resampled mask."""
+    import subprocess
+    import sys
+
+    ph, ct_dir, _ = cases[0]
+    shifted = ph.affine.copy()
+    shifted[:3, 3] += 0.5 * ph.affine[:3, 0]  # half a voxel along the first array axis
+    half = save_nifti(ph.label, shifted, tmp_path / "half.nii.gz")
+    cmd = [sys.executable, "-m", "npc_gtv.cli", "rtstruct", "--ct", str(ct_dir), "--mask", str(half), "--out"]
+    proc = subprocess.run(cmd + [str(tmp_path / "RS.dcm")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "half.nii.gz: is not on the voxel grid" in proc.stderr and "--resample" in proc.stderr
+    assert not (tmp_path / "RS.dcm").exists()
+    proc = subprocess.run(cmd + [str(tmp_path / "RS.dcm"), "--resample"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "against the mask as resampled onto the CT grid" in proc.stdout and "resampled by nearest neighbour" in proc.stdout

@@ -17,7 +17,9 @@ from npc_gtv.evaluation.metrics import (
     compute_case_metrics,
     penalty_distance,
     spacing_from_affine,
+    surface_distances,
     union_crop,
+    weighted_percentile,
 )
 
 
@@ -254,3 +256,56 @@ def test_subvoxel_surface_equals_monai_conv():
     assert np.array_equal(mine_a, ea.numpy()) and np.array_equal(mine_b, eb.numpy())
     assert np.array_equal(area_a, aa.numpy()) and np.array_equal(area_b, ab.numpy())
     assert area_a[mine_a].sum() > 0 and np.all(area_a[~mine_a] == 0)
+
+
+# ------------------------------------------------------------------------------- HD95 definitions
+def _line_case(far_z=(21, 23)):
+    """A 1-voxel-thick line (z = 2..11) as truth; the prediction adds isolated voxels further along z (1 mm grid).
+
+    Every voxel of such thin masks is a surface voxel, so the distances are easy to count by hand:
+    truth -> prediction: ten 0 mm; prediction -> truth: ten 0 mm plus (z - 11) mm per far voxel.
+    """
+    t = np.zeros((3, 3, 30), bool)
+    t[1, 1, 2:12] = True
+    p = t.copy()
+    for z in far_z:
+        p[1, 1, z] = True
+    return p, t
+
+
+def test_hd95_definitions_by_hand():
+    """The three published HD95 definitions on a case with a far false positive, computed by hand."""
+    p, t = _line_case()
+    spacing = (1.0, 1.0, 1.0)
+    # max_directed: p95 of [0 x 10, 10, 12] (numpy: rank 0.95 * 11 = 10.45 -> 10 + 0.45 * 2); p95 of [0 x 10] = 0
+    m = compute_case_metrics(p, t, spacing, hd95="max_directed")
+    assert m["hd95"] == pytest.approx(10.9)
+    # medpy: both directions pooled, 22 values [0 x 20, 10, 12]: rank 0.95 * 21 = 19.95 -> 0 + 0.95 * 10
+    assert compute_case_metrics(p, t, spacing, hd95="medpy")["hd95"] == pytest.approx(9.5)
+    # deepmind: sub-voxel surface elements on the 2x2x2 block lattice. The line's blocks: 8 end blocks holding one
+    # voxel (area sqrt(3)/8 each: a corner triangle) and 36 blocks holding two voxels along z (sqrt(2)/2: a
+    # quad), all at 0 mm; each far voxel adds 8 one-voxel blocks, 4 at (z - 12) mm and 4 at (z - 11) mm, i.e. at
+    # 9, 10 (z = 21) and 11, 12 mm (z = 23). Cumulative area fraction: 0 mm 0.887, 9 mm 0.915, 10 mm 0.943,
+    # 11 mm 0.972 >= 0.95 -> 11 mm.
+    corner, edge = math.sqrt(3) / 8, math.sqrt(2) / 2
+    zero = 8 * corner + 36 * edge
+    total = zero + 16 * corner
+    assert (zero + 8 * corner) / total < 0.95 <= (zero + 12 * corner) / total
+    sv = surface_distances(*union_crop(p, t)[:2], spacing, subvoxels=True)
+    np.testing.assert_allclose(np.sort(sv.pred_areas)[-36:], edge, rtol=1e-5)
+    assert sv.pred_areas.sum() == pytest.approx(total, rel=1e-5)
+    assert compute_case_metrics(p, t, spacing, hd95="deepmind")["hd95"] == pytest.approx(11.0)
+    # the default is the toolkit's definition; a missed component (swap the roles) gives the same by symmetry
+    assert compute_case_metrics(p, t, spacing)["hd95"] == pytest.approx(10.9)
+    for definition, value in (("max_directed", 10.9), ("medpy", 9.5), ("deepmind", 11.0)):
+        assert compute_case_metrics(t, p, spacing, hd95=definition)["hd95"] == pytest.approx(value)
+    with pytest.raises(ValueError, match="hd95 must be one of"):
+        compute_case_metrics(p, t, spacing, hd95="robust")
+
+
+def test_weighted_percentile_by_hand():
+    # sorted distances 0, 1, 5, 9 with areas 0.5, 0.3, 0.15, 0.05: cumulative 0.5, 0.8, 0.95, 1.0
+    assert weighted_percentile([9.0, 0.0, 5.0, 1.0], [0.05, 0.5, 0.15, 0.3], 95) == 5.0
+    assert weighted_percentile([9.0, 0.0, 5.0, 1.0], [0.05, 0.5, 0.15, 0.3], 96) == 9.0
+    assert weighted_percentile([9.0, 0.0, 5.0, 1.0], [0.05, 0.5, 0.15, 0.3], 50) == 0.0
+    assert weighted_percentile([], [], 95) == math.inf

@@ -154,3 +154,36 @@ def test_morphology_command_csv(tmp_path, capsys):
         assert 3.0 <= float(r["max_diameter_cm"]) <= 3.0 + sp[2] / 10  # within one slice
     with pytest.raises(SystemExit, match="does not exist"):
         main(["morphology", str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "x.csv")])
+
+
+def test_morphology_refuses_overwrite_and_unusable_spacing(tmp_path, capsys):
+    """`morphology --out` replaced files silently; a zero voxel size gave 0.30 cm^3 for 5.18, 50 mm a 37-litre tumour."""
+    import struct
+
+    import nibabel as nib
+
+    from npc_gtv.cli import main
+
+    mask = _sphere(8.0, (1.0, 1.0, 1.0)).astype(np.uint8)
+    save_nifti(mask, np.eye(4), tmp_path / "a.nii.gz")
+    out = tmp_path / "morph.csv"
+    out.write_text("earlier results\n")
+    with pytest.raises(SystemExit, match="morph.csv: already exists; refusing to overwrite"):
+        main(["morphology", str(tmp_path / "a.nii.gz"), "--out", str(out), "--progress", "False"])
+    assert out.read_text() == "earlier results\n"
+    main(["morphology", str(tmp_path / "a.nii.gz"), "--out", str(out), "--progress", "False", "--overwrite"])
+    assert out.read_text().startswith("case_id,")
+    # zero voxel size in the header (nibabel would use 1 mm) and an implausible 50 mm spacing
+    zero = tmp_path / "zero.nii"
+    img = nib.Nifti1Image(mask, np.diag([1.0, 1.0, 3.0, 1.0]))
+    img.set_sform(None, code=0)
+    nib.save(img, str(zero))
+    raw = bytearray(zero.read_bytes())
+    raw[80:92] = struct.pack("<3f", 0.0, 0.0, 0.0)
+    zero.write_bytes(bytes(raw))
+    with pytest.raises(SystemExit, match=r"zero.nii: header voxel size \(pixdim\) is 0 x 0 x 0 mm"):
+        main(["morphology", str(zero), "--out", str(tmp_path / "z.csv"), "--progress", "False"])
+    save_nifti(mask, np.diag([50.0, 50.0, 50.0, 1.0]), tmp_path / "far.nii.gz")
+    with pytest.raises(SystemExit, match=r"far.nii.gz: implausible voxel spacing 50 x 50 x 50 mm"):
+        main(["morphology", str(tmp_path / "far.nii.gz"), "--out", str(tmp_path / "f.csv"), "--progress", "False"])
+    assert not (tmp_path / "z.csv").exists() and not (tmp_path / "f.csv").exists()

@@ -97,10 +97,12 @@ def test_rejects_mismatched_affine_and_shape(folders):
     aff = AFF.copy()
     aff[0, 3] += 5.0
     save_nifti(np.zeros(SHAPE, np.uint8), aff, bad)
-    with pytest.raises(InputError, match=r"case_c\.nii\.gz.*affine differs"):
+    with pytest.raises(InputError, match=r"case_c\.nii\.gz: grid .*affine differs by up to 5.* not a lossless reorientation"
+                                         r".* would have to be resampled"):
         evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
     save_nifti(np.zeros((24, 20, 11), np.uint8), AFF, bad)
-    with pytest.raises(InputError, match=r"case_c\.nii\.gz: shape \(24, 20, 11\) does not match"):
+    with pytest.raises(InputError, match=r"case_c\.nii\.gz: grid \(shape \(24, 20, 11\)\) is not that of .*case_c\.nii\.gz "
+                                         r"\(shape \(24, 20, 12\)"):
         evaluate_folders(folders / "pred", folders / "truth", folders / "r", figures=False, progress=False)
     assert not (folders / "r" / "metrics.csv").exists()
 
@@ -269,7 +271,7 @@ def test_cli_evaluate_mismatch_exits_with_clear_message(folders):
         [sys.executable, "-m", "npc_gtv.cli", "evaluate", "--pred", str(folders / "pred"), "--truth", str(folders / "truth"),
          "--out", str(folders / "bad")], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "case_c.nii.gz: affine differs" in proc.stderr
+    assert "case_c.nii.gz: grid" in proc.stderr and "would have to be resampled" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -295,3 +297,97 @@ def test_write_report_counts_undefined_rve_and_draws_given_overlays(tmp_path):
     with pytest.raises(ValueError, match="'x' lacks hd95"):
         write_report([{"case_id": "x", "dsc": 1.0}], tmp_path / "partial", metrics=("dsc", "hd95"))
     assert not (tmp_path / "empty").exists() and not (tmp_path / "partial").exists()
+
+
+# ------------------------------------------------------------------ issue #18: safe report writing
+def _dataset_json(root, case_ids):
+    """A dataset.json whose test cases carry the given case ids (labels and images in labelsTs / imagesTs)."""
+    entries = []
+    for i, cid in enumerate(case_ids):
+        lab = root / "labelsTs" / f"c{i}.nii.gz"
+        save_nifti(_cube((5 + i, 5, 3), (15, 15, 8)), AFF, lab)
+        img = root / "imagesTs" / f"c{i}.nii.gz"
+        save_nifti(np.full(SHAPE, 40, np.int16), AFF, img)
+        entries.append({"case_id": cid, "label": f"labelsTs/c{i}.nii.gz", "image": f"imagesTs/c{i}.nii.gz"})
+    path = root / "dataset.json"
+    path.write_text(json.dumps({"test": entries}))
+    return path
+
+
+def test_case_ids_never_leave_the_report_folder(tmp_path):
+    """A case_id from dataset.json became the overlay file name: an absolute path or ../.. wrote outside --out."""
+    from shared_transforms.io import safe_name
+
+    victim = tmp_path / "elsewhere" / "victim.png"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious")
+    ids = [str(victim.with_suffix("")), "../../escaped"]
+    ds = _dataset_json(tmp_path / "data", ids)
+    pred = tmp_path / "pred"
+    for cid in ids:  # the bundles name predictions after the (file-name safe) case id
+        save_nifti(_cube((5, 5, 3), (15, 15, 8)), AFF, pred / f"{safe_name(cid)}_seg.nii.gz")
+    out = tmp_path / "work" / "report"
+    s = evaluate_folders(pred, ds, out, progress=False)
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "escaped.png").exists() and not (tmp_path / "work" / "escaped.png").exists()
+    overlays = sorted(p.name for p in (out / "figures" / "overlays").iterdir())
+    assert overlays == sorted(f"{safe_name(c)}.png" for c in ids)
+    assert sorted(_rows(out / "metrics.csv")) == sorted(ids)  # the displayed ids are the dataset's own
+    assert s["n_cases"] == 2
+    # two ids that map to one file name are refused
+    ds2 = _dataset_json(tmp_path / "data2", ["a/b", "a_b"])
+    for cid in ("a_b",):
+        save_nifti(_cube((5, 5, 3), (15, 15, 8)), AFF, tmp_path / "pred2" / f"{cid}_seg.nii.gz")
+    with pytest.raises(InputError, match="duplicate case 'a_b'"):
+        evaluate_folders(tmp_path / "pred2", ds2, tmp_path / "r2", progress=False)
+
+
+def test_one_overwrite_rule_and_no_stale_overlays(folders):
+    out = folders / "rep"
+    evaluate_folders(folders / "pred", folders / "truth", out, images=folders / "images", progress=False)
+    assert (out / "figures" / "overlays" / "case_c.png").exists()
+    with pytest.raises(InputError, match=r"rep: already holds a report \(metrics.csv, summary.json, summary.md, figures\); "
+                                         r"refusing to overwrite"):
+        evaluate_folders(folders / "pred", folders / "truth", out, progress=False)
+    # a rerun on fewer cases with overwrite: the whole earlier report goes, no overlay of case_c stays behind
+    (folders / "truth" / "case_c.nii.gz").unlink()
+    (folders / "pred" / "case_c.nii.gz").unlink()
+    evaluate_folders(folders / "pred", folders / "truth", out, images=folders / "images", progress=False, overwrite=True)
+    assert sorted(p.name for p in (out / "figures" / "overlays").iterdir()) == ["case_a.png", "case_b.png"]
+    assert sorted(_rows(out / "metrics.csv")) == ["case_a", "case_b"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_full_disk_leaves_no_partial_report(folders, tiny_disk):
+    from conftest import fill_disk
+
+    fill_disk(tiny_disk)
+    with pytest.raises(OSError) as info:
+        evaluate_folders(folders / "pred", folders / "truth", tiny_disk / "rep", images=folders / "images", progress=False)
+    assert "No space left on device" in str(info.value)
+    assert sorted(p.name for p in tiny_disk.iterdir()) in (["filler.bin"], ["filler.bin", "rep"])
+    assert not (tiny_disk / "rep").exists() or list((tiny_disk / "rep").iterdir()) == []
+
+
+def test_reoriented_prediction_on_the_same_voxels_is_accepted(folders):
+    """The same physical grid stored in another axis order / direction (RAS vs LPS) is brought over exactly."""
+    t = _cube((5, 5, 3), (15, 15, 8))
+    p = _cube((7, 5, 3), (17, 15, 8))
+    # flip array axes 0 and 1 and move axis 2 first: the affine follows, so every voxel keeps its position
+    flipped = np.transpose(p[::-1, ::-1, :], (2, 0, 1))
+    m = np.array([[0, -1, 0, SHAPE[0] - 1], [0, 0, -1, SHAPE[1] - 1], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    save_nifti(flipped, AFF @ m, folders / "pred" / "sub" / "case_a_seg.nii.gz")
+    s = evaluate_folders(folders / "pred", folders / "truth", folders / "reo", figures=False, progress=False)
+    rows = _rows(folders / "reo" / "metrics.csv")
+    assert float(rows["case_a"]["dsc"]) == pytest.approx(0.8)  # as for the prediction stored on the truth's own grid
+    assert s["info"]["hd95_definition"] == "max_directed"
+
+
+def test_cli_states_the_hd95_definition(folders):
+    proc = subprocess.run(
+        [sys.executable, "-m", "npc_gtv.cli", "evaluate", str(folders / "pred"), str(folders / "truth"), str(folders / "dm"),
+         "--hd95", "deepmind", "--figures", "False", "--progress", "False"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "HD95 definition: deepmind (larger of the two directed 95th percentiles" in proc.stdout
+    assert "- hd95 definition: `deepmind`" in (folders / "dm" / "summary.md").read_text()
+    assert json.loads((folders / "dm" / "summary.json").read_text())["info"]["hd95_definition"] == "deepmind"

@@ -147,6 +147,23 @@ def test_generate_dataset_layout(tmp_path):
         generate_dataset(tmp_path / "ct", cases=2, seed=1, size="small")
 
 
+def test_generated_files_follow_the_umask(tmp_path):
+    """The data-set folder was 0700 and its files 0600 (mkdtemp / mkstemp); a shared workstation could not read them."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        ds = generate_dataset(tmp_path / "ct", cases=2, seed=1, size="small")
+    finally:
+        os.umask(old)
+    root = ds.parent
+    assert root.stat().st_mode & 0o777 == 0o755
+    assert (root / "imagesTr").stat().st_mode & 0o777 == 0o755
+    for f in [ds, root / "cases.csv", *root.glob("*/*.nii.gz")]:
+        assert f.stat().st_mode & 0o777 == 0o644, f
+    assert not [p for p in root.rglob(".*")]  # no temporary files left
+
+
 def test_generate_mri_and_healthy_sets(tmp_path):
     ds = generate_dataset(tmp_path / "mri", cases=2, seed=1, size="small", modality="mri")
     entry = json.loads(ds.read_text())["training"][0]

@@ -80,3 +80,25 @@ def test_symmetrize_failures_exit_nonzero_and_name_the_file(posed, tmp_path, cap
     with pytest.raises(SystemExit):
         main(["symmetrize", str(d / "ct.nii.gz"), str(d / "ct.nii.gz")])
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_symmetrize_refuses_overwrite_and_implausible_spacing(posed, tmp_path, capsys):
+    """symmetrize replaced existing files silently and called a registration at 50 mm spacing "OK"."""
+    d, ph = posed
+    out = tmp_path / "sym.nii.gz"
+    out.write_bytes(b"earlier")
+    with pytest.raises(SystemExit) as exc:
+        main(["symmetrize", str(d / "ct.nii.gz"), str(out)])
+    assert exc.value.code == 1
+    assert "sym.nii.gz: already exists; refusing to overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier"
+    far = tmp_path / "far.nii.gz"
+    save_nifti(ph.image, np.diag([50.0, 50.0, 50.0, 1.0]), far)
+    with pytest.raises(SystemExit):
+        main(["symmetrize", str(far), str(tmp_path / "far_sym.nii.gz"), "--report", str(tmp_path / "far.json")])
+    err = capsys.readouterr().err
+    assert "far.nii.gz: implausible voxel spacing 50 x 50 x 50 mm" in err
+    assert not (tmp_path / "far_sym.nii.gz").exists() and not (tmp_path / "far.json").exists()
+    with pytest.raises(SystemExit):
+        main(["make-atlas", str(d / "ref.nii.gz"), str(out)])
+    assert "already exists; refusing to overwrite" in capsys.readouterr().err

@@ -133,3 +133,25 @@ def test_bundle_training_sigkill_resume(name, tmp_path, small_ct_dataset):
         assert engine_state == ref_state
         different = [k for k in ref_weights if not torch.equal(ref_weights[k], weights[k])]
         assert not different, f"{name}/{key}: resumed weights differ from the uninterrupted run in {different[:5]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_more_epochs_on_a_finished_bundle_training_keep_learning(name, tmp_path, small_ct_dataset):
+    """Raising the epochs of a finished SATS training trained nothing: the restored schedule kept its length (lr 0)."""
+    bundle = REPO / "bundles" / name
+    configs, run_id, epochs = BUNDLES[name]
+    key = next(iter(epochs))
+    overrides = {"dataset_dir": str(small_ct_dataset), "ckpt_dir": str(tmp_path / "models"),
+                 "output_dir": str(tmp_path / "eval")}
+    _run(_command(bundle, configs, run_id, {**overrides, key: "1"}), bundle, kill=False)
+    one = _weights(tmp_path / "models")
+    lines = _run(_command(bundle, configs, run_id, {**overrides, key: "2"}), bundle, kill=False)
+    assert any("resumed from" in line for line in lines)
+    two = _weights(tmp_path / "models")
+    assert two.keys() == one.keys()
+    for folder, (state, weights) in two.items():
+        assert state["epoch"] == 2, (folder, state)
+        moved = max(float((weights[k].float() - one[folder][1][k].float()).abs().max())
+                    for k in weights if weights[k].is_floating_point())
+        assert moved > 0.0, f"{name}/{folder}: the extra epoch did not change the weights (learning rate 0?)"

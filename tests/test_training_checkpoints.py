@@ -135,7 +135,10 @@ def test_tampered_pickle_is_refused(tmp_path, monkeypatch):
     torch.save({"weight": torch.zeros(2), "payload": _Evil()}, evil)
     with pytest.raises(InputError) as err:
         load_weights(evil)
-    assert str(evil) in str(err.value) and "refused" in str(err.value) and "weights_only" in str(err.value)
+    text = str(err.value)
+    assert text.startswith(f"{evil}: refused to load: the file holds Python objects other than weights (posix.system")
+    assert "delete it to start over or point `ckpt_dir` elsewhere" in text
+    assert "weights_only=False" not in text and "will likely succeed" not in text  # torch's hint is not repeated
     assert not marker.exists()
     # the same refusal when such a file sits where a resume would read it
     os.replace(evil, tmp_path / CHECKPOINT_NAME)
@@ -149,9 +152,17 @@ def test_corrupt_missing_and_non_mapping_files(tmp_path):
     torch.save({"w": torch.ones(1000)}, good)
     truncated = tmp_path / "trunc.pt"
     truncated.write_bytes(good.read_bytes()[:300])
-    with pytest.raises(InputError, match="corrupt or truncated") as err:
+    with pytest.raises(InputError, match="file is corrupt or not a checkpoint of this toolkit .*; delete it to start over "
+                                         "or point `ckpt_dir` elsewhere") as err:
         load_weights(truncated)
     assert str(truncated) in str(err.value)
+    # random bytes were reported as possibly tampered with, repeating torch's weights_only=False hint
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(InputError) as err:
+        load_weights(noise)
+    assert str(err.value) == (f"{noise}: file is corrupt or not a checkpoint of this toolkit; delete it to start over or "
+                              "point `ckpt_dir` elsewhere")
     with pytest.raises(InputError, match="does not exist"):
         load_weights(tmp_path / "nope.pt")
     listy = tmp_path / "list.pt"
@@ -267,3 +278,119 @@ def test_changed_training_data_starts_a_new_training(tmp_path):
     assert handler.resumed_from is None and tr.state.iteration == 0
     tr.run()
     assert load_weights(tmp_path / CHECKPOINT_NAME)["_engine"]["iteration"] == 6
+
+
+# ------------------------------------------------------------------------ issue #18: resume by content
+def _data_trainer(tmp_path, data, epochs=2, scheduler=None, epoch_level=True, record=None):
+    """A SupervisedTrainer on NIfTI-named data entries (the files exist), with ResumableCheckpoint in ``tmp_path/ckpt``."""
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedTrainer
+    from monai.handlers import LrScheduleHandler
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loader = DataLoader(Dataset(data, transform=lambda d: {"image": torch.ones(1, 2, 2, 2) * len(d["image"]),
+                                                            "label": torch.zeros(1, 2, 2, 2)}), batch_size=1)
+    tr = SupervisedTrainer(device=torch.device("cpu"), max_epochs=epochs, train_data_loader=loader, network=net,
+                           optimizer=opt, loss_function=torch.nn.MSELoss())
+    save = {"model": net, "optimizer": opt}
+    if scheduler is not None:
+        sched = scheduler(opt, epochs, len(data))
+        LrScheduleHandler(sched, epoch_level=epoch_level, print_lr=False).attach(tr)
+        save["lr_scheduler"] = sched
+    if record is not None:
+        from ignite.engine import Events
+
+        tr.add_event_handler(Events.ITERATION_STARTED, lambda e: record.append((e.state.iteration, opt.param_groups[0]["lr"])))
+    handler = ResumableCheckpoint(tmp_path / "ckpt", save)
+    handler.attach(tr)
+    return tr, handler
+
+
+def test_resume_is_keyed_on_content_not_on_path_spelling(tmp_path, monkeypatch):
+    """The same data reached through a symlink or a relative path restarted at epoch 1 and overwrote the checkpoint."""
+    from npc_gtv.training import PREVIOUS_NAME
+
+    real = tmp_path / "data"
+    real.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (real / name).write_bytes(name.encode() * 100)
+    data = [{"image": str(real / "a.nii.gz")}, {"image": str(real / "b.nii.gz")}]
+    tr, _ = _data_trainer(tmp_path, data)
+    tr.run()
+    first = load_weights(tmp_path / "ckpt" / CHECKPOINT_NAME)
+    (tmp_path / "link").symlink_to(real)
+    via_link = [{"image": str(tmp_path / "link" / "a.nii.gz")}, {"image": str(tmp_path / "link" / "b.nii.gz")}]
+    monkeypatch.chdir(tmp_path)
+    relative = [{"image": "data/a.nii.gz"}, {"image": "./data/../data/b.nii.gz"}]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (copy / name).write_bytes((real / name).read_bytes())
+    copied = [{"image": str(copy / "a.nii.gz")}, {"image": str(copy / "b.nii.gz")}]
+    for same in (via_link, relative, copied):
+        tr, handler = _data_trainer(tmp_path, same)
+        assert handler.resumed_from == {"epoch": 2, "iteration": 4}, same
+    # other content: a new training, and the earlier checkpoint is kept, not overwritten
+    (copy / "b.nii.gz").write_bytes(b"new labels" * 100)
+    tr, handler = _data_trainer(tmp_path, copied)
+    assert handler.resumed_from is None and tr.state.iteration == 0
+    kept = load_weights(tmp_path / "ckpt" / PREVIOUS_NAME)
+    assert kept["_engine"] == first["_engine"] and kept["_data"] == first["_data"]
+    assert not (tmp_path / "ckpt" / CHECKPOINT_NAME).exists()
+
+
+def _poly_epochs(opt, epochs, length):
+    return torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=epochs, power=0.9)
+
+
+def _poly_iterations(opt, epochs, length):
+    return torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=epochs * length, power=0.9)
+
+
+def _cosine_restarts(opt, epochs, length):
+    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=3 * length)
+
+
+def _step_decay(opt, epochs, length):
+    step = max(1, epochs * length // 2)  # halve the lr at the middle of the training
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 ** (it // step))
+
+
+@pytest.mark.parametrize("scheduler, epoch_level", [(_poly_epochs, True), (_poly_iterations, False),
+                                                    (_cosine_restarts, False), (_step_decay, False)])
+def test_more_epochs_continue_with_the_schedule_extended(tmp_path, scheduler, epoch_level):
+    """Raising the epochs of a finished training ran the extra epochs at lr 0 (the restored schedule kept its length)."""
+    data = [{"image": "a"}, {"image": "b"}]
+    tr, _ = _data_trainer(tmp_path / "run", data, epochs=2, scheduler=scheduler, epoch_level=epoch_level)
+    tr.run()
+    resumed: list = []
+    tr, handler = _data_trainer(tmp_path / "run", data, epochs=4, scheduler=scheduler, epoch_level=epoch_level, record=resumed)
+    assert handler.resumed_from == {"epoch": 2, "iteration": 4}
+    tr.run()
+    assert [it for it, _ in resumed] == [5, 6, 7, 8]
+    reference: list = []  # the same 4-epoch schedule, run without interruption
+    tr, _ = _data_trainer(tmp_path / "ref", data, epochs=4, scheduler=scheduler, epoch_level=epoch_level, record=reference)
+    tr.run()
+    expected = [lr for it, lr in reference if it > 4]
+    got = [lr for _, lr in resumed]
+    assert min(got) > 0.0
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_container_schedulers_are_restored_as_they_were(tmp_path):
+    """SequentialLR holds other schedulers (and through them the optimiser): restored unchanged, never deep-copied."""
+
+    def sequential(opt, epochs, length):
+        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2)
+        poly = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=epochs * length)
+        return torch.optim.lr_scheduler.SequentialLR(opt, [warm, poly], milestones=[2])
+
+    data = [{"image": "a"}, {"image": "b"}]
+    tr, _ = _data_trainer(tmp_path, data, epochs=1, scheduler=sequential, epoch_level=False)
+    tr.run()
+    tr, handler = _data_trainer(tmp_path, data, epochs=2, scheduler=sequential, epoch_level=False)
+    assert handler.resumed_from == {"epoch": 1, "iteration": 2}
+    tr.run()
+    assert load_weights(tmp_path / "ckpt" / CHECKPOINT_NAME)["_engine"]["epoch"] == 2

@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from shared_transforms.checks import CheckImage, CheckImaged, SafeLoadImaged, input_error_from
+from shared_transforms.checks import CheckImage, CheckImaged, SafeLoadImaged, input_error_from, set_input_modality
 from shared_transforms.io import InputError, load_nifti, save_nifti
 
 AFF = np.diag([-1.0, -1.0, 3.0, 1.0])
@@ -154,3 +154,71 @@ def test_missing_file_and_not_an_image(tmp_path):
         {"image": case["image"]}
     )
     assert "label" not in out
+
+
+def _ct(shape=SHAPE):
+    """A CT-like volume in HU: air around a water-like body."""
+    img = np.full(shape, -1000, np.int16)
+    img[2:-2, 2:-2, :] = 40
+    return img
+
+
+def test_ct_intensities_and_the_modality_switch(tmp_path):
+    """A 0..1 float or MR-like image went through the CT bundles (one prediction marked 29 % of the volume)."""
+    ct = _case(tmp_path, image=_ct(), name="ct")
+    assert _pipeline(modality="CT")(ct)["image"].min() == -1000
+    norm = _case(tmp_path, image=(_ct().astype(np.float32) + 1000) / 1040, name="norm")
+    _fails(_pipeline(modality="CT"), norm,
+           r"norm_img\.nii\.gz: intensities do not look like a CT in Hounsfield units \(0\.5th-99\.5th percentile 0 to 1; .*"
+           r"--input_modality MR")
+    mr = _case(tmp_path, image=np.random.default_rng(0).uniform(0, 800, SHAPE).astype(np.float32), name="mr")
+    _fails(_pipeline(modality="CT"), mr, "intensities do not look like a CT")
+    assert _pipeline(modality="MR")(mr)["image"].shape[0] == 1  # deliberate MR input
+    assert _pipeline()(mr)["image"].shape[0] == 1  # no intensity check unless asked for
+    # the switch on a pre-processing built elsewhere (HCF's scripts.data.volume_transforms)
+    pipe = set_input_modality(_pipeline(), "CT")
+    _fails(pipe, norm, "intensities do not look like a CT")
+    assert set_input_modality(pipe, "any")(norm)["image"].max() == 1
+    with pytest.raises(ValueError, match="modality must be one of"):
+        CheckImaged(modality="PET")
+
+
+def test_geometry_checks_of_the_pipeline(tmp_path):
+    """Zero, non-finite and implausible spacings and singular affines are refused as in the CLI."""
+    import struct
+
+    import nibabel as nib
+
+    zero = tmp_path / "zero_img.nii"
+    img = nib.Nifti1Image(_ct(), AFF)
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    nib.save(img, str(zero))
+    raw = bytearray(zero.read_bytes())
+    raw[80:92] = struct.pack("<3f", 0.0, 0.0, 0.0)
+    zero.write_bytes(bytes(raw))
+    _fails(Compose([SafeLoadImaged("image")]), {"image": str(zero)}, r"zero_img\.nii: header voxel size \(pixdim\) is 0 x 0 x 0 mm")
+    far = _case(tmp_path, image=_ct(), image_affine=np.diag([50.0, 50.0, 50.0, 1.0]), label_affine=np.diag([50.0, 50.0, 50.0, 1.0]), name="far")
+    _fails(_pipeline(), far, r"far_img\.nii\.gz: implausible voxel spacing 50 x 50 x 50 mm")
+    singular = np.diag([1.0, 1.0, 1e-9, 1.0])
+    sing = tmp_path / "sing_img.nii.gz"
+    img = nib.Nifti1Image(_ct(), singular)
+    img.set_qform(None, code=0)
+    img.set_sform(singular, code=1)
+    nib.save(img, str(sing))
+    pipe = Compose([SafeLoadImaged("image"), EnsureChannelFirstd("image"), CheckImaged("image", None)])
+    _fails(pipe, {"image": str(sing)}, r"sing_img\.nii\.gz: has a singular affine")
+    assert CheckImaged("image", None, spacing_range=None)(LoadImaged("image")({"image": far["image"]}))
+
+
+def test_resampling_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    """A 50 mm spacing made inference try to allocate 65 GB (traceback in the middle of the resampling)."""
+    import shared_transforms.spatial as spatial
+
+    loaded = Compose([SafeLoadImaged("image"), EnsureChannelFirstd("image")])(_case(tmp_path, image=_ct(), name="big"))
+    monkeypatch.setattr(spatial, "available_memory", lambda device=None: 2**20)  # 1 MiB free
+    with pytest.raises(InputError, match=r"big_img\.nii\.gz: resampling from 1 x 1 x 3 mm to 0\.1 x 0\.1 x 0\.1 mm gives a "
+                                         r"100 x 90 x 120 volume needing about 20\.6 MiB, but only 1\.0 MiB of memory are available \(is the input spacing right\?\)"):
+        spatial.ResampleToSpacing(pixdim=(0.1, 0.1, 0.1))(loaded["image"])
+    monkeypatch.setattr(spatial, "available_memory", lambda device=None: 2**34)
+    assert tuple(spatial.ResampleToSpacing(pixdim=(2.0, 2.0, 3.0))(loaded["image"]).shape) == (1, 6, 5, 4)

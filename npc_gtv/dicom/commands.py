@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from shared_transforms.dicom import list_series, read_dicom_series
-from shared_transforms.io import InputError, load_label, save_nifti
+from shared_transforms.io import AFFINE_TOLERANCE, InputError, load_label, lossless_reorientation, save_nifti
 
 __all__ = ["dicom2nifti_command", "rtstruct_command", "dicomseg_command", "dice"]
 
@@ -62,13 +62,15 @@ def dicom2nifti_command(dicom_dir: str, out: str, series_uid: str | None = None,
     return None
 
 
-def _load_on_ct(ct, mask, series_uid):
+def _load_on_ct(ct, mask, series_uid, resample: bool = False):
     from .grid import mask_to_grid
 
     vol = read_dicom_series(ct, series_uid)
     arr, affine = load_label(mask)
-    on_ct = mask_to_grid(arr, affine, vol.array.shape, vol.affine, source=mask, reference=ct)
-    return vol, on_ct
+    on_ct = mask_to_grid(arr, affine, vol.array.shape, vol.affine, source=mask, reference=ct, resample=resample)
+    same = arr.shape == vol.array.shape and np.abs(np.asarray(affine, float) - vol.affine).max() <= AFFINE_TOLERANCE
+    resampled = resample and not same and lossless_reorientation(arr.shape, affine, vol.array.shape, vol.affine) is None
+    return vol, on_ct, resampled
 
 
 def rtstruct_command(
@@ -81,12 +83,13 @@ def rtstruct_command(
     algorithm_name: str = "NPC GTV toolkit",
     overwrite: bool = False,
     verify: bool = True,
+    resample: bool = False,
 ):
     """Write a DICOM RT Structure Set of a NIfTI mask for a DICOM CT series.
 
     Args:
         ct: DICOM CT folder the structure set will reference.
-        mask: NIfTI mask (brought onto the CT grid by nearest-neighbour resampling).
+        mask: NIfTI mask on the CT's voxel grid (or a lossless reorientation of it).
         out: output RTSTRUCT file (e.g. ``RS.dcm``).
         roi_name: ROI name.
         color: ROI display colour ``R,G,B``.
@@ -94,10 +97,11 @@ def rtstruct_command(
         algorithm_name: recorded generating algorithm.
         overwrite: replace an existing output.
         verify: re-rasterise the written contours on the CT grid and print the Dice with the mask.
+        resample: bring a mask on another grid over by nearest neighbour (it changes the mask; said in the output).
     """
     from .rtstruct import rasterize_rtstruct, write_rtstruct
 
-    vol, on_ct = _load_on_ct(ct, mask, series_uid)
+    vol, on_ct, resampled = _load_on_ct(ct, mask, series_uid, resample)
     write_rtstruct(
         vol, on_ct, out, roi_name=roi_name, color=_parse_color(color), algorithm_name=algorithm_name,
         overwrite=overwrite, inputs=[mask],
@@ -105,7 +109,9 @@ def rtstruct_command(
     msg = f"{out}: RTSTRUCT ROI '{roi_name}' on CT series {vol.series.uid}, {int(on_ct.any(axis=(0, 1)).sum())} slice(s) contoured"
     if verify:
         back = rasterize_rtstruct(out, vol, roi_name)
-        msg += f", re-rasterised Dice {dice(back, on_ct):.4f}"
+        msg += f", re-rasterised Dice {dice(back, on_ct):.4f}" + (" against the mask as resampled onto the CT grid" if resampled else "")
+    if resampled:
+        msg += "; NOTE: the mask was not on the CT's grid and was resampled by nearest neighbour (--resample)"
     print(msg)
     return None
 
@@ -119,22 +125,24 @@ def dicomseg_command(
     algorithm_name: str = "NPC GTV toolkit",
     overwrite: bool = False,
     verify: bool = True,
+    resample: bool = False,
 ):
     """Write a DICOM Segmentation (highdicom) of a NIfTI mask for a DICOM CT series.
 
     Args:
         ct: DICOM CT folder the SEG is derived from.
-        mask: NIfTI mask (brought onto the CT grid by nearest-neighbour resampling).
+        mask: NIfTI mask on the CT's voxel grid (or a lossless reorientation of it).
         out: output SEG file.
         label: segment label.
         series_uid: CT SeriesInstanceUID when the folder holds several series.
         algorithm_name: recorded algorithm name.
         overwrite: replace an existing output.
         verify: read the SEG back and check it equals the mask on the CT grid.
+        resample: bring a mask on another grid over by nearest neighbour (it changes the mask; said in the output).
     """
     from .seg import read_seg, write_seg
 
-    vol, on_ct = _load_on_ct(ct, mask, series_uid)
+    vol, on_ct, resampled = _load_on_ct(ct, mask, series_uid, resample)
     write_seg(vol, on_ct, out, segment_label=label, algorithm_name=algorithm_name, overwrite=overwrite, inputs=[mask])
     msg = f"{out}: DICOM SEG segment '{label}' on CT series {vol.series.uid}, {int(on_ct.sum())} voxel(s)"
     if verify:
@@ -142,6 +150,8 @@ def dicomseg_command(
         if not np.array_equal(back, on_ct):
             raise InputError(out, "SEG read back differs from the mask (please report this bug)")
         msg += ", read back exactly"
+    if resampled:
+        msg += "; NOTE: the mask was not on the CT's grid and was resampled by nearest neighbour (--resample)"
     print(msg)
     return None
 

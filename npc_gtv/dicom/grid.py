@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared_transforms.io import AFFINE_TOLERANCE, InputError, check_label_array
+from shared_transforms.io import AFFINE_TOLERANCE, InputError, check_label_array, lossless_reorientation, reorient_to_grid
 
 __all__ = ["mask_to_grid"]
 
 
-def mask_to_grid(mask: np.ndarray, mask_affine: np.ndarray, shape, affine: np.ndarray, *, source=None, reference=None) -> np.ndarray:
-    """Resample a binary mask onto another grid (``shape``, ``affine``) by nearest neighbour.
+def mask_to_grid(mask: np.ndarray, mask_affine: np.ndarray, shape, affine: np.ndarray, *, source=None, reference=None,
+                 resample: bool = False) -> np.ndarray:
+    """Bring a binary mask onto a CT's grid (``shape``, ``affine``): exactly, or by nearest neighbour on request.
 
-    Identical grids are returned unchanged. Otherwise every target voxel centre is mapped to the
-    mask's voxel space (``inv(mask_affine) @ affine``) and the nearest mask voxel is taken, which
-    also undoes flips and axis permutations (e.g. a prediction saved in RAS orientation).
+    Identical grids are returned unchanged; a mask stored on the same voxel centres in another axis
+    order or direction (e.g. a prediction saved in RAS orientation) is reoriented exactly. Any other
+    grid (shifted, other spacing, rotated) is refused unless ``resample``: then every target voxel
+    centre is mapped to the mask's voxel space (``inv(mask_affine) @ affine``) and the nearest mask
+    voxel is taken, which changes the mask (a half-voxel shift moves its border by a voxel).
 
     Args:
         mask: ``(X, Y, Z)`` binary mask.
@@ -22,13 +25,15 @@ def mask_to_grid(mask: np.ndarray, mask_affine: np.ndarray, shape, affine: np.nd
         shape: target spatial shape ``(X, Y, Z)``.
         affine: target voxel -> RAS affine.
         source: mask name for messages. reference: target (CT) name for messages.
+        resample: allow nearest-neighbour resampling of a mask that is not on the CT's voxel grid.
 
     Returns:
         ``uint8`` mask of shape ``shape``.
 
     Raises:
-        InputError: non-binary mask, or mask foreground lying (partly) outside the target volume,
-            which means the mask does not belong to this CT.
+        InputError: non-binary mask, a mask on another grid without ``resample``, or (with it) mask
+            foreground lying (partly) outside the target volume, which means the mask does not belong
+            to this CT.
     """
     from scipy import ndimage
 
@@ -40,6 +45,16 @@ def mask_to_grid(mask: np.ndarray, mask_affine: np.ndarray, shape, affine: np.nd
     affine = np.asarray(affine, float)
     if mask.shape == shape and np.abs(mask_affine - affine).max() <= AFFINE_TOLERANCE:
         return mask
+    if lossless_reorientation(mask.shape, mask_affine, shape, affine) is not None:
+        return np.ascontiguousarray(reorient_to_grid(mask, mask_affine, shape, affine, source, reference)).astype(np.uint8)
+    if not resample:
+        diff = np.abs(mask_affine - affine).max()
+        raise InputError(
+            source,
+            f"is not on the voxel grid of {reference or 'the CT'} (shape {mask.shape} vs {shape}, affine differs by up to "
+            f"{diff:.4g}) nor a lossless reorientation of it; bringing it over would resample (change) the mask: pass "
+            "--resample to do so by nearest neighbour, or give the mask on the CT's grid",
+        )
     matrix = np.linalg.inv(mask_affine) @ affine
     out = ndimage.affine_transform(
         mask, matrix[:3, :3], offset=matrix[:3, 3], output_shape=shape, order=0, mode="constant", cval=0

@@ -364,7 +364,7 @@ def rasterize_rtstruct(path, ct: DicomVolume, roi_name: str | None = None) -> np
     return out.astype(np.uint8)
 
 
-def export_rtstruct(ct_dir, mask_path, out_path, *, series_uid: str | None = None, overwrite: bool = False, **kwargs) -> Path:
+def export_rtstruct(ct_dir, mask_path, out_path, *, series_uid: str | None = None, overwrite: bool = False, resample: bool = False, **kwargs) -> Path:
     """Read the CT series and a NIfTI mask, bring the mask onto the CT grid and write the RTSTRUCT.
 
     Args:
@@ -377,5 +377,5 @@ def export_rtstruct(ct_dir, mask_path, out_path, *, series_uid: str | None = Non
     """
     ct = read_dicom_series(ct_dir, series_uid)
     mask, mask_affine = load_label(mask_path)
-    on_ct = mask_to_grid(mask, mask_affine, ct.array.shape, ct.affine, source=mask_path, reference=ct_dir)
+    on_ct = mask_to_grid(mask, mask_affine, ct.array.shape, ct.affine, source=mask_path, reference=ct_dir, resample=resample)
     return write_rtstruct(ct, on_ct, out_path, overwrite=overwrite, inputs=[mask_path], **kwargs)

@@ -132,9 +132,9 @@ def read_seg(path, ct: DicomVolume, segment_number: int = 1) -> np.ndarray:
     return out
 
 
-def export_seg(ct_dir, mask_path, out_path, *, series_uid: str | None = None, overwrite: bool = False, **kwargs) -> Path:
+def export_seg(ct_dir, mask_path, out_path, *, series_uid: str | None = None, overwrite: bool = False, resample: bool = False, **kwargs) -> Path:
     """Read the CT series and a NIfTI mask, bring the mask onto the CT grid and write the SEG."""
     ct = read_dicom_series(ct_dir, series_uid)
     mask, mask_affine = load_label(mask_path)
-    on_ct = mask_to_grid(mask, mask_affine, ct.array.shape, ct.affine, source=mask_path, reference=ct_dir)
+    on_ct = mask_to_grid(mask, mask_affine, ct.array.shape, ct.affine, source=mask_path, reference=ct_dir, resample=resample)
     return write_seg(ct, on_ct, out_path, overwrite=overwrite, inputs=[mask_path], **kwargs)

@@ -11,9 +11,13 @@ post-processing list::
 When the input image was a DICOM folder read with
 :class:`shared_transforms.dicom.DicomSeriesReader`, the prediction's metadata carries
 ``dicom_dir`` and the CT's SeriesInstanceUID; the transform reads that CT series again and
-writes ``<case>_rtstruct.dcm`` (and ``<case>_seg.dcm``), ``<case>`` being the DICOM folder's
-name (with a series-UID suffix when two series of one run share a folder name). For NIfTI inputs it does nothing
-(or raises, with ``skip_non_dicom=False``).
+writes ``<case>_rtstruct.dcm`` (and ``<case>_seg.dcm``). ``<case>`` is named exactly as
+:class:`shared_transforms.saving.SafeSaveImaged` names the NIfTI prediction beside it (the data
+list's ``case_id``, else the DICOM folder's name), so ``CT_seg.nii.gz`` and ``CT_rtstruct.dcm``
+always belong to the same input: a second input of the run mapping to a name already written is
+refused (two patients' folders both called ``CT`` need distinct ``case_id``), and an existing
+output is refused unless ``overwrite``. For NIfTI inputs it does nothing (or raises, with
+``skip_non_dicom=False``).
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from shared_transforms.dicom import DicomVolume, read_dicom_series
-from shared_transforms.io import InputError
-
-from .grid import mask_to_grid
+from shared_transforms.io import InputError, reorient_to_grid
 
 __all__ = ["SaveDicomRTd"]
 
@@ -52,8 +54,14 @@ class SaveDicomRTd(_MapTransform):
         label_index: foreground channel for multi-channel predictions.
         write_rtstruct: write ``<case>_rtstruct.dcm``. write_seg: write ``<case>_seg.dcm``.
         skip_non_dicom: silently skip predictions of non-DICOM inputs (else raise).
-        overwrite: replace existing outputs.
+        overwrite: replace existing outputs (default: refuse).
+        case_key: data key of the per-case id (the data list's ``case_id``).
         allow_missing_keys: MONAI's usual flag.
+
+    Raises:
+        InputError: (at call time) an existing output without ``overwrite``, a second input mapping to
+            a name already written, or a prediction not on the CT's voxel grid.
+        OSError: the write failed; no partial file is left.
     """
 
     def __init__(
@@ -67,7 +75,8 @@ class SaveDicomRTd(_MapTransform):
         write_rtstruct: bool = True,
         write_seg: bool = False,
         skip_non_dicom: bool = True,
-        overwrite: bool = True,
+        overwrite: bool = False,
+        case_key: str = "case_id",
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -81,16 +90,19 @@ class SaveDicomRTd(_MapTransform):
         self.write_rtstruct = write_rtstruct
         self.write_seg = write_seg
         self.skip_non_dicom = skip_non_dicom
-        self.overwrite = overwrite
-        self._names: dict[str, str] = {}  # output stem -> CT series UID written under it in this run
+        self.overwrite = bool(overwrite)
+        self.case_key = case_key
+        self._names: dict[str, str] = {}  # output stem -> input written under it in this run
 
-    def _stem(self, dicom_dir: str, series_uid: str) -> str:
-        """``<folder name>``, or ``<folder name>_<series UID tail>`` when another series of this
-        run already used that name (e.g. every case folder is called ``CT``)."""
-        stem = Path(dicom_dir).name
-        if self._names.get(stem, series_uid) != series_uid:
-            stem = f"{stem}_{series_uid.replace('.', '')[-12:]}"
-        self._names[stem] = series_uid
+    def _stem(self, case_id, source: str) -> str:
+        """The NIfTI saver's ``<case>`` (:func:`shared_transforms.saving.output_stem`); a second input refused."""
+        from shared_transforms.saving import output_stem
+
+        stem = output_stem(case_id, source)
+        if self._names.get(stem, source) != source:
+            raise InputError(source, f"maps to the output name {stem!r}, already written in this run for {self._names[stem]}; "
+                                     "give each datalist entry a distinct 'case_id'")
+        self._names[stem] = source
         return stem
 
     def _mask(self, pred) -> np.ndarray:
@@ -103,6 +115,7 @@ class SaveDicomRTd(_MapTransform):
 
     def __call__(self, data):
         d = dict(data)
+        case_id = d.get(self.case_key)
         for key in self.key_iterator(d):
             pred = d[key]
             meta = dict(getattr(pred, "meta", {}) or {})
@@ -113,7 +126,7 @@ class SaveDicomRTd(_MapTransform):
                     continue
                 raise InputError(meta.get("filename_or_obj"), "input was not a DICOM series; cannot write an RTSTRUCT")
             ct = read_dicom_series(dicom_dir, str(meta.get("SeriesInstanceUID") or "") or None)
-            self.write(pred, ct, self._stem(dicom_dir, ct.series.uid), source=key)
+            self.write(pred, ct, self._stem(case_id, str(meta.get("filename_or_obj") or dicom_dir)), source=f"prediction of {dicom_dir}")
         return d
 
     def write(self, pred, ct: DicomVolume, case: str, source: str = "pred") -> list[Path]:
@@ -134,7 +147,9 @@ class SaveDicomRTd(_MapTransform):
 
         meta = dict(getattr(pred, "meta", {}) or {})
         affine = np.asarray(pred.affine if hasattr(pred, "affine") else meta["affine"], dtype=float)
-        mask = mask_to_grid(self._mask(pred), affine, ct.array.shape, ct.affine, source=source, reference=ct.files[0].parent)
+        # Invertd has put the prediction back on the CT grid: anything but that grid (or an exact
+        # reorientation of it) is a pipeline error, never silently resampled
+        mask = reorient_to_grid(self._mask(pred), affine, ct.array.shape, ct.affine, source=source, reference=ct.files[0].parent)
         written = []
         if self.write_rtstruct:
             written.append(write_rtstruct(ct, mask, self.output_dir / f"{case}_rtstruct.dcm", roi_name=self.roi_name, color=self.color, overwrite=self.overwrite))

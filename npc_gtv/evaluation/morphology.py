@@ -252,8 +252,8 @@ def morphology_files(masks: Sequence, *, progress: bool = True, **options) -> li
     return rows
 
 
-def morphology_command(*masks, out: str = "morphology.csv", smoothing: str = "taubin", taubin_iterations: int = 30,
-                       gaussian_sigma_vox: float = 0.8, progress: bool = True) -> None:
+def morphology_command(*masks: str, out: str = "morphology.csv", smoothing: str = "taubin", taubin_iterations: int = 30,
+                       gaussian_sigma_vox: float = 0.8, progress: bool = True, overwrite: bool = False) -> None:
     """Tumour volume, surface area, maximum diameter and surface regularity of NIfTI masks.
 
     Args:
@@ -264,10 +264,13 @@ def morphology_command(*masks, out: str = "morphology.csv", smoothing: str = "ta
         taubin_iterations: Taubin smoothing iterations.
         gaussian_sigma_vox: blur in voxels for smoothing="gaussian".
         progress: show a progress bar.
+        overwrite: replace an existing OUT (default: refuse).
     """
     if not masks:
         raise SystemExit("npc-gtv morphology: give at least one mask file or folder")
     try:
+        if Path(out).exists() and not overwrite:  # before any computation
+            raise InputError(out, "already exists; refusing to overwrite (--overwrite replaces it, or choose another --out)")
         rows = morphology_files(masks, progress=progress, smoothing=smoothing, taubin_iterations=taubin_iterations,
                                 gaussian_sigma_vox=gaussian_sigma_vox)
         cols = ["case_id", *MORPHOLOGY_COLUMNS, "file"]
@@ -276,10 +279,10 @@ def morphology_command(*masks, out: str = "morphology.csv", smoothing: str = "ta
         w.writeheader()
         for r in rows:
             w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-        with atomic_write(out, inputs=[r["file"] for r in rows]) as tmp:
+        with atomic_write(out, overwrite=overwrite, inputs=[r["file"] for r in rows]) as tmp:
             tmp.write_text(buf.getvalue())
     except (InputError, ValueError) as exc:
-        raise SystemExit(f"npc-gtv morphology: {exc}") from None
+        raise SystemExit(f"npc-gtv morphology: error: {exc}") from None
     print(f"{'case':<20} {'volume cm3':>11} {'area cm2':>9} {'diam cm':>8} {'regularity':>10}")
     for r in rows:
         print(f"{r['case_id']:<20} {r['volume_cm3']:>11.3f} {r['surface_area_cm2']:>9.3f} {r['max_diameter_cm']:>8.3f} "

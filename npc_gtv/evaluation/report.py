@@ -10,16 +10,30 @@ Public functions (also used by every bundle's ``evaluate.yaml``):
 * :func:`agreement_folders` -- inter-rater Dice and Jaccard per case.
 
 Command-line wrappers: ``npc-gtv evaluate``, ``npc-gtv compare``, ``npc-gtv agreement``.
+
+Writing: a report is built in a temporary folder inside ``out`` and moved into place only when
+complete (a full disk or an unwritable folder leaves no partial report, and the earlier report,
+if any, untouched). An ``out`` that already holds a report (``metrics.csv``, ``summary.*``,
+``figures/``) is refused unless ``overwrite``; with it the whole earlier report is replaced, so no
+stale overlay of an earlier run survives. File names derived from case ids are made file-name safe
+(:func:`shared_transforms.io.safe_name`): a ``case_id`` from a ``dataset.json`` can never write
+outside ``out``, and two cases mapping to one name are refused.
+
+Grids: a prediction stored on the truth's voxel grid in another axis order / direction (e.g. RAS
+instead of LPS) is brought over losslessly (:func:`shared_transforms.io.reorient_to_grid`); any
+other difference is refused with a message that says it would need resampling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from itertools import combinations
@@ -27,12 +41,24 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_transforms.io import InputError, atomic_write, check_same_grid, load_nifti
+from shared_transforms.io import (
+    InputError,
+    atomic_write,
+    check_same_grid,
+    fsync_path,
+    load_nifti,
+    lossless_reorientation,
+    make_temp_dir,
+    reorient_to_grid,
+    safe_name,
+)
 
 from .metrics import (
+    DEFAULT_HD95,
     EMPTY_BOTH,
     EMPTY_PRED,
     EMPTY_TRUTH,
+    HD95_DEFINITIONS,
     HIGHER_IS_BETTER,
     METRICS,
     UNITS,
@@ -42,6 +68,7 @@ from .metrics import (
 
 __all__ = [
     "CASE_SUFFIXES",
+    "REPORT_FILES",
     "case_key",
     "find_niftis",
     "match_cases",
@@ -65,6 +92,9 @@ __all__ = [
 CASE_SUFFIXES: tuple[str, ...] = ("_seg", "_pred", "_prediction", "_mask", "_label", "_gtv", "_0000", "_t1", "_t2", "_cet1")
 
 AGREEMENT_METRICS: tuple[str, ...] = ("dsc", "iou")
+
+#: what a report consists of inside its folder (replaced together, refused without ``overwrite``)
+REPORT_FILES: tuple[str, ...] = ("metrics.csv", "summary.json", "summary.md", "figures")
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -179,7 +209,8 @@ def load_truth_cases(truth, *, section: str = "test", images=None) -> tuple[dict
             if not isinstance(entry, dict) or "label" not in entry:
                 raise InputError(truth, f"{section}[{i}] has no 'label' (evaluation needs ground truth)")
             label = truth.parent / entry["label"]
-            key = case_key(label)
+            # the bundles name a prediction after the entry's case_id (file-name safe), else its file name
+            key = safe_name(entry["case_id"], truth) if entry.get("case_id") not in (None, "") else case_key(label)
             if key in labels:
                 raise InputError(truth, f"duplicate case {key!r} in {section!r}: {labels[key]} and {label}")
             labels[key] = label
@@ -209,6 +240,63 @@ def _check_out(out, protected: Sequence) -> Path:
         if res == folder or folder in res.parents:
             raise InputError(out, f"output folder is inside the input folder {folder}; choose another --out (inputs are never written)")
     return out
+
+
+def check_report_folder(out, overwrite: bool = False) -> Path:
+    """Refuse an ``out`` that already holds a report unless ``overwrite`` (one rule for every command).
+
+    Raises:
+        InputError: ``out`` is a file, or holds report files and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "is a file; --out must be a folder")
+    present = [name for name in REPORT_FILES if (out / name).exists()]
+    if present and not overwrite:
+        raise InputError(out, f"already holds a report ({', '.join(present)}); refusing to overwrite it (--overwrite "
+                              "replaces the whole earlier report, or choose another --out)")
+    return out
+
+
+@contextlib.contextmanager
+def report_stage(out, overwrite: bool = False):
+    """Yield a temporary folder inside ``out``; on success move its report files into ``out``.
+
+    The earlier report files (:data:`REPORT_FILES`) are replaced as a whole (``figures/`` with every
+    old overlay). On failure nothing in ``out`` changes and the temporary folder is removed.
+    """
+    out = check_report_folder(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = make_temp_dir(out, ".report.")
+    try:
+        yield stage
+        check_report_folder(out, overwrite)  # another run may have written meanwhile
+        trash = make_temp_dir(out, ".old_report.")
+        try:
+            for name in REPORT_FILES:
+                if (out / name).exists():
+                    os.replace(out / name, trash / name)
+            for name in REPORT_FILES:
+                if (stage / name).exists():
+                    os.replace(stage / name, out / name)
+            fsync_path(out, directory=True)
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def overlay_names(cases) -> dict[str, str]:
+    """File-name-safe overlay name of each case id; two ids with one name are refused."""
+    names: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for case in cases:
+        name = safe_name(case)
+        if name in taken and taken[name] != str(case):
+            raise InputError(case, f"maps to the same figure name {name!r} as case {taken[name]!r}; give the cases distinct ids")
+        taken[name] = str(case)
+        names[str(case)] = name
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +362,9 @@ def _summary_markdown(summary: Mapping, title: str) -> str:
     for k in ("pred", "truth", "rater_a", "rater_b", "section", "label", "penalty", "nsd_tolerance_mm"):
         if k in info:
             lines.append(f"- {k}: `{info[k]}`")
+    if "hd95_definition" in info:
+        d = info["hd95_definition"]
+        lines.append(f"- hd95 definition: `{d}`: {HD95_DEFINITIONS.get(d, d)}")
     lines.append(f"- cases: {summary['n_cases']}")
     e = summary["empty_cases"]
     lines.append(
@@ -329,6 +420,7 @@ def write_report(
     overlays: Mapping[str, Mapping] | None = None,
     bar_plots: bool = False,
     inputs: Sequence = (),
+    overwrite: bool = False,
 ) -> dict:
     """Write ``metrics.csv``, ``summary.json``, ``summary.md`` and ``figures/`` from case records.
 
@@ -344,17 +436,33 @@ def write_report(
             ``figures/overlays/<case>.png`` (see :func:`npc_gtv.evaluation.figures.overlay_png`).
         bar_plots: also write ``figures/cases_<metric>.png`` per-case bar charts.
         inputs: paths that must never be written.
+        overwrite: replace an earlier report in ``out`` (default: refuse, see :func:`check_report_folder`).
 
     Returns:
         the summary dict (also written to ``summary.json``).
+
+    Raises:
+        InputError: an earlier report without ``overwrite``, bad records.
+        OSError: writing failed; no partial report is left.
     """
-    out = Path(out)
+    _check_records(records, metrics)
+    with report_stage(out, overwrite) as stage:
+        return _write_report_files(records, stage, metrics=metrics, title=title, info=info, figures=figures,
+                                   overlays=overlays, bar_plots=bar_plots, inputs=inputs)
+
+
+def _check_records(records, metrics) -> None:
     if not records:
         raise ValueError("write_report needs at least one case record")
     for r in records:
         missing = [m for m in ("case_id", *metrics) if m not in r]
         if missing:
             raise ValueError(f"case record {r.get('case_id', '?')!r} lacks {', '.join(missing)}")
+
+
+def _write_report_files(records, out: Path, *, metrics, title, info, figures, overlays, bar_plots, inputs) -> dict:
+    out = Path(out)
+    _check_records(records, metrics)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, metrics)
     summary["info"] = dict(info or {})
@@ -372,8 +480,9 @@ def write_report(
         if bar_plots:
             for m in metrics:
                 case_bar_plot(records, m, fig_dir / f"cases_{m}.png")
+        names = overlay_names(list(overlays or {}))
         for case, item in (overlays or {}).items():
-            overlay_png(fig_dir / "overlays" / f"{case}.png", item["truth"], item["pred"], item["affine"],
+            overlay_png(fig_dir / "overlays" / f"{names[str(case)]}.png", item["truth"], item["pred"], item["affine"],
                         image=item.get("image"), title=item.get("title", case), inputs=inputs)
     return summary
 
@@ -412,7 +521,8 @@ def _load_mask(path: Path, label: int | None = None):
 def _load_pair(pred_path: Path, truth_path: Path, label: int | None = None):
     truth, t_aff = _load_mask(truth_path, label)
     pred, p_aff = _load_mask(pred_path, label)
-    check_same_grid(truth.shape, t_aff, pred.shape, p_aff, truth_path, pred_path)
+    # same grid, or the same voxel centres in another axis order / direction (lossless); else refused
+    pred = reorient_to_grid(pred, p_aff, truth.shape, t_aff, pred_path, truth_path)
     return pred, truth, t_aff
 
 
@@ -438,7 +548,11 @@ def _precheck(pairs: Sequence[tuple[str, Path, Path]]) -> None:
     for case, pred_path, truth_path in pairs:
         t_shape, t_aff = header(truth_path)
         p_shape, p_aff = header(pred_path)
-        check_same_grid(t_shape[:3], t_aff, p_shape[:3], p_aff, truth_path, pred_path)
+        try:
+            check_same_grid(t_shape[:3], t_aff, p_shape[:3], p_aff, truth_path, pred_path)
+        except InputError:
+            if lossless_reorientation(p_shape[:3], p_aff, t_shape[:3], t_aff) is None:
+                reorient_to_grid(np.empty(p_shape[:3], bool), p_aff, t_shape[:3], t_aff, pred_path, truth_path)
 
 
 def evaluate_pairs(
@@ -453,6 +567,7 @@ def evaluate_pairs(
     desc: str = "evaluate",
     metrics_only: Sequence[str] | None = None,
     label: int | None = None,
+    hd95: str = DEFAULT_HD95,
 ) -> list[dict]:
     """Metrics of ``(case_id, pred_path, truth_path)`` pairs, one record per case.
 
@@ -464,11 +579,13 @@ def evaluate_pairs(
     from tqdm.auto import tqdm
 
     _precheck(pairs)
+    names = overlay_names([case for case, _, _ in pairs]) if overlay_dir is not None else {}
     records = []
     for case, pred_path, truth_path in tqdm(pairs, desc=desc, unit="case", disable=not progress):
         pred, truth, affine = _load_pair(pred_path, truth_path, label)
         m = compute_case_metrics(
-            pred, truth, spacing_from_affine(affine), slice_axis=_slice_axis(affine), penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm
+            pred, truth, spacing_from_affine(affine), slice_axis=_slice_axis(affine), penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm,
+            hd95=hd95,
         )
         rec = {"case_id": case, **m, "pred": str(pred_path), "truth": str(truth_path)}
         if metrics_only is not None:
@@ -488,9 +605,25 @@ def evaluate_pairs(
                 except InputError as exc:
                     warnings.warn(f"overlay of case {case} drawn without image: {exc}", stacklevel=2)
                     image = None
-            overlay_png(Path(overlay_dir) / f"{case}.png", truth, pred, affine, image=image,
+            overlay_png(Path(overlay_dir) / f"{names[case]}.png", truth, pred, affine, image=image,
                         title=f"{case}: DSC {m['dsc']:.3f}, HD95 {m['hd95']:.1f} mm", inputs=inputs)
     return records
+
+
+def _match_with_fallback(preds, labels, pred, truth, by_label_file: bool):
+    """Match by case id; for a dataset.json also by the label files' names (predictions of other tools)."""
+    try:
+        return match_cases(preds, labels, pred, truth), labels
+    except InputError as first:
+        if not by_label_file:
+            raise
+        by_file = {case_key(path): path for path in labels.values()}
+        if len(by_file) != len(labels) or set(by_file) == set(labels):
+            raise
+        try:
+            return match_cases(preds, by_file, pred, truth), by_file
+        except InputError:
+            raise first from None
 
 
 def evaluate_folders(
@@ -505,12 +638,14 @@ def evaluate_folders(
     progress: bool = True,
     nsd_tolerance_mm: float = 1.0,
     label: int | None = None,
+    hd95: str = DEFAULT_HD95,
+    overwrite: bool = False,
 ) -> dict:
     """Evaluate a folder of NIfTI predictions against ground truth and write the report.
 
     Args:
         pred: folder of predicted masks (searched recursively), matched to the truth by case id
-            (:func:`case_key`).
+            (:func:`case_key`; for a dataset.json, its entries' ``case_id``, else the label's name).
         truth: folder of true masks, or a Decathlon ``dataset.json`` whose ``section`` list gives
             the label (and image) paths.
         out: report folder; must not be inside ``pred`` or ``truth``.
@@ -524,48 +659,66 @@ def evaluate_folders(
         nsd_tolerance_mm: normalised surface Dice tolerance (SegRap2023: 1 mm).
         label: evaluate the structure ``array == label`` of multi-label maps (both sides);
             default: masks must be binary 0/1.
+        hd95: HD95 definition, one of :data:`~npc_gtv.evaluation.metrics.HD95_DEFINITIONS`
+            (default ``max_directed``); recorded in the report.
+        overwrite: replace an earlier report in ``out`` (default: refuse).
 
     Returns:
         the summary dict (as written to ``out/summary.json``).
 
     Raises:
         InputError: missing/unmatched/duplicate cases, pairs on different grids, non-binary masks,
-            unreadable files, or ``out`` inside an input folder.
+            unreadable files, ``out`` inside an input folder, or an earlier report in ``out``.
+        OSError: writing failed (no partial report is left).
     """
+    if hd95 not in HD95_DEFINITIONS:
+        raise ValueError(f"hd95 must be one of {', '.join(HD95_DEFINITIONS)}, got {hd95!r}")
     pred, truth = Path(pred), Path(truth)
     labels, imgs, names = load_truth_cases(truth, section=section, images=images)
     # never write into an input folder: the predictions, the truth folder (for a dataset.json: the
     # folders of its label files, not the json's whole parent), the image folder
     truth_dirs = sorted({str(p.parent) for p in labels.values()}) if truth.is_file() else [truth]
     out = _check_out(out, [pred, *truth_dirs, images])
+    check_report_folder(out, overwrite)  # before any computation
     preds = _index(find_niftis(pred), "prediction", pred)
     if not preds:
         raise InputError(pred, "no NIfTI predictions (.nii / .nii.gz) found")
-    keys = match_cases(preds, labels, pred, truth)
+    keys, matched = _match_with_fallback(preds, labels, pred, truth, truth.is_file())
+    if matched is not labels:  # matched by label file names: carry names and images over
+        by_path = {str(v): k for k, v in labels.items()}
+        names = {k: names[by_path[str(v)]] for k, v in matched.items()}
+        imgs = {k: imgs[by_path[str(v)]] for k, v in matched.items() if by_path[str(v)] in imgs}
+        labels = matched
     pairs = [(names[k], preds[k], labels[k]) for k in keys]
     img_by_name = {names[k]: imgs[k] for k in keys if k in imgs}
     protected = [pred, truth] + ([images] if images else [])
-    records = evaluate_pairs(
-        pairs, images=img_by_name, penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm,
-        overlay_dir=(out / "figures" / "overlays") if figures else None, inputs=protected, progress=progress, label=label,
-    )
-    info = {"pred": str(pred), "truth": str(truth), "penalty": penalty, "nsd_tolerance_mm": float(nsd_tolerance_mm)}
+    info = {"pred": str(pred), "truth": str(truth), "penalty": penalty, "nsd_tolerance_mm": float(nsd_tolerance_mm),
+            "hd95_definition": hd95}
     if label is not None:
         info["label"] = int(label)
     if truth.suffix.lower() == ".json":
         info["section"] = section
-    return write_report(records, out, title="Evaluation", info=info, figures=figures, inputs=protected)
+    with report_stage(out, overwrite) as stage:
+        records = evaluate_pairs(
+            pairs, images=img_by_name, penalty=penalty, nsd_tolerance_mm=nsd_tolerance_mm,
+            overlay_dir=(stage / "figures" / "overlays") if figures else None, inputs=protected, progress=progress,
+            label=label, hd95=hd95,
+        )
+        return _write_report_files(records, stage, metrics=METRICS, title="Evaluation", info=info, figures=figures,
+                                   overlays=None, bar_plots=False, inputs=protected)
 
 
 def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: bool = True, all_metrics: bool = False,
-                      label: int | None = None) -> dict:
+                      label: int | None = None, overwrite: bool = False) -> dict:
     """Inter-rater agreement: Dice and Jaccard (IoU) per case between two raters' mask folders.
 
     Rater B is taken as the reference grid (the metrics used are symmetric). With
     ``all_metrics=True`` every metric of :data:`METRICS` is reported, with rater B as "truth".
+    ``overwrite`` replaces an earlier report in ``out`` (default: refuse).
     """
     a, b = Path(rater_a), Path(rater_b)
     out = _check_out(out, [a, b])
+    check_report_folder(out, overwrite)
     files_a = _index(find_niftis(a), "mask of rater A", a)
     files_b = _index(find_niftis(b), "mask of rater B", b)
     if not files_a:
@@ -578,8 +731,10 @@ def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: 
         r["rater_a"] = r.pop("pred")
         r["rater_b"] = r.pop("truth")
     info = {"rater_a": str(a), "rater_b": str(b)}
+    if all_metrics:
+        info["hd95_definition"] = DEFAULT_HD95
     return write_report(records, out, metrics=metrics, title="Inter-rater agreement", info=info, figures=figures,
-                        bar_plots=True, inputs=[a, b])
+                        bar_plots=True, inputs=[a, b], overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,8 +862,9 @@ def _json_safe(obj):
 # ----------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------
-def evaluate_command(pred, truth, out, images=None, section: str = "test", penalty="diagonal", figures: bool = True,
-                     progress: bool = True, nsd_tolerance_mm: float = 1.0, label=None) -> None:
+def evaluate_command(pred: str, truth: str, out: str, images: str | None = None, section: str = "test", penalty="diagonal",
+                     figures: bool = True, progress: bool = True, nsd_tolerance_mm: float = 1.0, label=None,
+                     hd95: str = DEFAULT_HD95, overwrite: bool = False) -> None:
     """Evaluate predicted NIfTI masks against ground truth (DSC, IoU, HD95, ASSD, NSD ... in mm).
 
     Args:
@@ -722,18 +878,24 @@ def evaluate_command(pred, truth, out, images=None, section: str = "test", penal
         progress: show a progress bar.
         nsd_tolerance_mm: tolerance of the normalised surface Dice (mm).
         label: evaluate label N of multi-label maps (default: masks must be binary 0/1).
+        hd95: HD95 definition: max_directed (default: larger of the two directed 95th percentiles over
+            surface-voxel centres), deepmind (surface-area weighted, DeepMind surface-distance) or
+            medpy (95th percentile of both directions pooled, medpy.metric.hd95); see docs/evaluation.md.
+        overwrite: replace an earlier report in OUT (default: refuse).
     """
     try:
         summary = evaluate_folders(pred, truth, out, images=images, section=section, penalty=penalty, figures=figures,
-                                   progress=progress, nsd_tolerance_mm=nsd_tolerance_mm, label=label)
+                                   progress=progress, nsd_tolerance_mm=nsd_tolerance_mm, label=label, hd95=hd95,
+                                   overwrite=overwrite)
     except InputError as exc:
-        raise SystemExit(f"npc-gtv evaluate: {exc}") from None
+        raise SystemExit(f"npc-gtv evaluate: error: {exc}") from None
     print((Path(out) / "summary.md").read_text())
+    print(f"HD95 definition: {hd95} ({HD95_DEFINITIONS[hd95]})")
     print(f"wrote {Path(out) / 'metrics.csv'} ({summary['n_cases']} cases), summary.json, summary.md"
           + (", figures/" if figures else ""))
 
 
-def compare_command(*runs, out=None, metric: str = "dsc", alpha: float = 0.05) -> None:
+def compare_command(*runs: str, out: str | None = None, metric: str = "dsc", alpha: float = 0.05, overwrite: bool = False) -> None:
     """Compare several evaluation outputs side by side, with paired Wilcoxon tests on DSC.
 
     Args:
@@ -741,31 +903,46 @@ def compare_command(*runs, out=None, metric: str = "dsc", alpha: float = 0.05) -
         out: optional folder for compare.md, compare.json and box plots per metric.
         metric: metric of the paired tests (default dsc).
         alpha: significance level for the * mark (default 0.05).
+        overwrite: replace an earlier comparison in OUT (default: refuse).
     """
     try:
         result = compare_runs(list(runs), metric=metric, alpha=alpha)
+        if out is not None:
+            out = _check_out(out, [Path(r) if Path(r).is_dir() else Path(r).parent for r in runs])
+            present = [n for n in ("compare.md", "compare.json", "figures") if (Path(out) / n).exists()]
+            if present and not overwrite:
+                raise InputError(out, f"already holds a comparison ({', '.join(present)}); refusing to overwrite it "
+                                      "(--overwrite replaces it, or choose another --out)")
     except (InputError, ValueError) as exc:
-        raise SystemExit(f"npc-gtv compare: {exc}") from None
+        raise SystemExit(f"npc-gtv compare: error: {exc}") from None
     text = _compare_markdown(result)
     print(text)
     if out is not None:
-        out = _check_out(out, [Path(r) if Path(r).is_dir() else Path(r).parent for r in runs])
-        out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "compare.md", "# Comparison\n\n" + text)
-        _write_text(out / "compare.json", json.dumps(_json_safe(result), indent=2) + "\n")
         from .figures import box_plot
 
-        for m in result["metrics"]:
-            values = {}
-            for n, r in zip(result["runs"], runs):
-                _, cases = read_metrics_csv(r)
-                values[n] = [v[m] for v in cases.values() if m in v]
-            box_plot(values, m, out / "figures" / f"box_{m}.png")
+        out.mkdir(parents=True, exist_ok=True)
+        stage = make_temp_dir(out, ".compare.")
+        try:
+            _write_text(stage / "compare.md", "# Comparison\n\n" + text)
+            _write_text(stage / "compare.json", json.dumps(_json_safe(result), indent=2) + "\n")
+            for m in result["metrics"]:
+                values = {}
+                for n, r in zip(result["runs"], runs):
+                    _, cases = read_metrics_csv(r)
+                    values[n] = [v[m] for v in cases.values() if m in v]
+                box_plot(values, m, stage / "figures" / f"box_{m}.png")
+            if (out / "figures").exists():
+                shutil.rmtree(out / "figures")
+            for name in ("compare.md", "compare.json", "figures"):
+                os.replace(stage / name, out / name)
+            fsync_path(out, directory=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         print(f"wrote {out / 'compare.md'}, compare.json, figures/")
 
 
-def agreement_command(rater_a, rater_b, out, figures: bool = True, progress: bool = True, all_metrics: bool = False,
-                      label=None) -> None:
+def agreement_command(rater_a: str, rater_b: str, out: str, figures: bool = True, progress: bool = True, all_metrics: bool = False,
+                      label=None, overwrite: bool = False) -> None:
     """Inter-rater agreement (Dice and Jaccard per case) between two folders of masks.
 
     Args:
@@ -776,11 +953,12 @@ def agreement_command(rater_a, rater_b, out, figures: bool = True, progress: boo
         progress: show a progress bar.
         all_metrics: report every evaluation metric instead of Dice and Jaccard only.
         label: compare label N of multi-label maps (default: masks must be binary 0/1).
+        overwrite: replace an earlier report in OUT (default: refuse).
     """
     try:
         summary = agreement_folders(rater_a, rater_b, out, figures=figures, progress=progress, all_metrics=all_metrics,
-                                    label=label)
+                                    label=label, overwrite=overwrite)
     except InputError as exc:
-        raise SystemExit(f"npc-gtv agreement: {exc}") from None
+        raise SystemExit(f"npc-gtv agreement: error: {exc}") from None
     print((Path(out) / "summary.md").read_text())
     print(f"wrote {Path(out) / 'metrics.csv'} ({summary['n_cases']} cases)")

@@ -102,7 +102,7 @@ class Node:
             item = self.model.predict(job.images_dir)
         with _timed(timings, "write_s"):
             job.output_dir.mkdir(parents=True, exist_ok=True)
-            writer = SaveDicomRTd(keys="pred", output_dir=job.output_dir, roi_name=self.roi_name, write_rtstruct=True, write_seg=self.dicom_seg, overwrite=False)
+            writer = SaveDicomRTd(keys="pred", output_dir=job.output_dir, roi_name=self.roi_name, write_rtstruct=True, write_seg=self.dicom_seg, overwrite=True)  # the job folder is this series's own
             written = writer.write(item["pred"], ct, "CT", source=f"prediction of series {job.series_uid}")
             self._collect_bundle_outputs(job)
         rois = read_rtstruct_rois(written[0])
