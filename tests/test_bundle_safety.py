@@ -40,7 +40,7 @@ BUNDLES = ["sats_npc", "unet25d_ssl", "hcf_sanet"]
 
 _WEIGHTS = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, torch
     from monai.bundle import ConfigParser
     bundle, ckpt = sys.argv[1], sys.argv[2]
     sys.path.insert(0, bundle)
@@ -52,6 +52,10 @@ _WEIGHTS = textwrap.dedent(
     torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt + "/model.pt")
     if "classifier_def" in parser:
         torch.save(parser.get_parsed_content("classifier_def").state_dict(), ckpt + "/classifier.pt")
+    if parser.get("normalization") == "ct":  # the fingerprint a training writes beside the weights (soft tissue)
+        fp = {"mean": 50.0, "std": 15.0, "median": 50.0, "min": 0.0, "max": 100.0,
+              "percentile_00_5": 10.0, "percentile_99_5": 90.0}
+        open(ckpt + "/intensity_fingerprint.json", "w").write(json.dumps(fp))
     """
 )
 

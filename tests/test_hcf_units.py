@@ -215,3 +215,44 @@ def test_balance_sampler_bad_input(sampler_mod):
     assert len(sampler_mod.BalanceSampler([0, 0, 0], ratio="theta_n", num_replicas=1, rank=0)) == 3
     # fewer normal slices than asked: all of them are used
     assert len(sampler_mod.BalanceSampler([1, 1, 0], ratio="theta_4", num_replicas=1, rank=0)) == 3
+
+
+# ---------------------------------------------------------------- gate threshold
+
+
+class _ScoreNet(torch.nn.Module):
+    """A 'classifier' whose logit of "contains GTV" is the mean of its input slice (one weight, one bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        s = self.scale * x.mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def test_gate_threshold_calibration_keeps_target_recall(tmp_path):
+    import json
+
+    cascade = bundle_scripts("hcf_sanet", "cascade")
+    torch.save(_ScoreNet().state_dict(), tmp_path / "classifier.pt")
+    # ten GTV slices with logits -4.5..0 (p 0.011..0.5), ten empty ones with logits -9..-5
+    logits = torch.tensor([-4.5 + 0.5 * i for i in range(10)] + [-9.0 + 0.4 * i for i in range(10)])
+    flags = torch.tensor([1] * 10 + [0] * 10)
+    loader = [{"image": logits[i:i + 5].reshape(5, 1, 1, 1).expand(5, 1, 4, 4), "has_gtv": flags[i:i + 5]} for i in range(0, 20, 5)]
+    res = cascade.calibrate_threshold(_ScoreNet(), tmp_path / "classifier.pt", loader, tmp_path / "t.json", target_recall=0.9)
+    # 9 of the 10 positives must pass: the threshold sits just below the 9th highest positive, sigmoid(-4.0)
+    assert res["threshold"] == pytest.approx(float(torch.sigmoid(torch.tensor(-4.0))), abs=1e-5)
+    assert res["recall"] == pytest.approx(0.9) and res["precision"] == pytest.approx(1.0)
+    assert (res["positives"], res["slices"]) == (10, 20)
+    assert json.loads((tmp_path / "t.json").read_text()) == res
+    # at the fixed 0.5 this classifier would have passed no GTV slice at all
+    assert not bool((torch.sigmoid(logits[:10]) > 0.5).any())
+    assert cascade.gate_threshold("auto", tmp_path / "t.json") == res["threshold"]
+    assert cascade.gate_threshold("auto", tmp_path / "missing.json") == 0.5
+    assert cascade.gate_threshold(0.3, tmp_path / "t.json") == 0.3
+    with pytest.raises(ValueError, match="cls_threshold"):
+        cascade.gate_threshold(1.5, tmp_path / "t.json")
+    with pytest.raises(ValueError, match="target_recall"):
+        cascade.calibrate_threshold(_ScoreNet(), tmp_path / "classifier.pt", loader, tmp_path / "u.json", target_recall=0)

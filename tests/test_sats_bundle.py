@@ -75,8 +75,8 @@ def test_stage1_and_stage2(trained):
     published = load_weights(models / "model.pt")
     assert set(stage1) == set(stage2) == set(published)
     assert all(v.device.type == "cpu" for v in published.values())
-    # quick network: first conv 1 -> 8 channels, 3x3x1 kernel
-    assert tuple(stage1["input_block.conv1.conv.weight"].shape) == (8, 1, 3, 3, 1)
+    # quick network (nnU-Net's PlainConvUNet): first conv 1 -> 8 channels, 3x3x1 kernel
+    assert tuple(stage1["encoder.stages.0.0.convs.0.conv.weight"].shape) == (8, 1, 3, 3, 1)
     # stage 2 fine-tunes the encoder-decoder (lr 1e-5): close to, but not equal to stage 1
     diffs = [float((stage2[k].float() - stage1[k].float()).abs().max()) for k in stage1 if stage1[k].is_floating_point()]
     assert max(diffs) > 0 and max(diffs) < 1e-2
@@ -132,8 +132,9 @@ def test_export_and_verify(trained):
     cfg = "['configs/inference.yaml','configs/quick.yaml']"
     for cmd in (
         ["verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml", "--n", "2"],
+        # PlainConvUNet is not scriptable: exported by tracing (metadata.json "torchscript")
         ["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(work / "models" / "model.pt"),
-         "--meta_file", "configs/metadata.json", "--config_file", cfg],
+         "--meta_file", "configs/metadata.json", "--config_file", cfg, "--use_trace", "True", "--input_shape", "[1, 1, 64, 64, 16]"],
     ):
         proc = subprocess.run([sys.executable, "-m", "monai.bundle", *cmd], cwd=str(BDIR), capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -141,11 +142,11 @@ def test_export_and_verify(trained):
     from conftest import bundle_scripts
 
     net_mod = bundle_scripts(BUNDLE, "network")
-    net = net_mod.SATSNet(kernel_size=[[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]], strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]],
-                          upsample_kernel_size=[[2, 2, 1], [2, 2, 2], [2, 2, 2]], filters=[8, 16, 32, 64])
+    net = net_mod.SATSUNet(features=[8, 16, 32, 64], kernel_sizes=[[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+                           strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]], deep_supervision=False)
     net.load_state_dict(torch.load(work / "models" / "model.pt", weights_only=True))
     net.eval()
-    x = torch.rand(1, 1, 32, 32, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(1, 1, 64, 64, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), atol=1e-4, rtol=1e-4)
 
@@ -170,7 +171,7 @@ def test_ddp_two_processes(small_ct_dataset, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # DDP unwrapped
-    assert "input_block.conv1.conv.weight" in state
+    assert "encoder.stages.0.0.convs.0.conv.weight" in state
 
 
 def test_dicom_ct_in_rtstruct_out(trained, tmp_path):

@@ -67,7 +67,12 @@ def test_pretrain_on_tumour_free_phantoms_writes_encoder(cycle):
     enc = net.UNet25DEncoder()
     enc.load_state_dict(state)  # strict: exactly the encoder
     assert sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))) == 3_845_058 - 895_122
-    assert "pretext_loss" in cycle["pretrain"].stdout
+    out = cycle["pretrain"].stdout
+    assert "rot_ce" in out and "rpl_ce" in out  # both pretext terms are logged
+    report = json.loads((work / "models" / "pretrain" / "pretext_accuracy.json").read_text())
+    assert report["rot_chance"] == pytest.approx(0.1) and report["rpl_chance"] == pytest.approx(1 / 26)
+    assert 0.0 <= report["rot_acc"] <= 1.0 and 0.0 <= report["rpl_acc"] <= 1.0 and report["samples"] > 0
+    assert f"rotation {report['rot_acc']:.3f} (chance 0.100)" in out
 
 
 def test_train_all_scales_with_frozen_shared_encoder(cycle):

@@ -114,6 +114,28 @@ def test_sampler_pads_small_images_and_validates(pt):
         pt.PretextSampler(rpl_patch=(16, 16, 3))
 
 
+def test_sampler_redraws_crops_without_structure(pt):
+    # a uniform volume with one textured corner block: only crops touching the block have any std
+    img = torch.zeros(1, 64, 64, 16)
+    img[:, :24, :24, :8] = torch.rand(1, 24, 24, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(rot_size=16, rpl_patch=(16, 16, 4), rpl_jitter=(2, 2, 1), num_samples=40)
+    plain = pt.PretextSampler(**kwargs)
+    plain.set_random_state(0)
+    picky = pt.PretextSampler(**kwargs, min_std=0.05, max_tries=200)
+    picky.set_random_state(0)
+    def counts(samples):
+        flat_cubes = sum(float(s["rot_image"].std()) < 0.05 for s in samples)
+        structured_pairs = sum(min(float(s["rpl_centre"].std()), float(s["rpl_query"].std())) >= 0.05 for s in samples)
+        return flat_cubes, structured_pairs
+
+    (flat_plain, pairs_plain), (flat_picky, pairs_picky) = counts(plain(img)), counts(picky(img))
+    assert flat_plain >= 10 and flat_picky == 0  # uniformly random cubes are often flat here, redrawn ones never
+    # an RPL pair is redrawn with its location label fixed: some labels put the query outside the texture
+    assert pairs_picky > pairs_plain
+    with pytest.raises(ValueError, match="min_std"):
+        pt.PretextSampler(min_std=-1)
+
+
 def test_pretext_samplesd_returns_list(pt):
     tr = pt.PretextSamplesd(keys="image", rot_size=16, rpl_patch=(16, 16, 4), rpl_jitter=(2, 2, 1), num_samples=3)
     out = tr({"image": torch.rand(1, 60, 60, 16), "case_id": "a"})

@@ -21,6 +21,9 @@ What the node changes in the bundle's configuration, and why:
   the phantom test set must not be required on a clinical machine).
 - ``write_rtstruct`` / ``write_dicom_seg``: false; the node writes the DICOM outputs itself
   from the CT it has already read and checked (``npc_gtv.dicom.transforms.SaveDicomRTd.write``).
+- ``overwrite``: true. The bundle's NIfTI output lands in the node's own folder, named after the
+  ``case_id`` the node gives each prediction (the Series Instance UID); a series sent again
+  replaces its own earlier copy there instead of being refused.
 
 The bundle's ``initialize`` list is not run: in the project's bundles it prepares the phantom
 training data, which a clinical node must not do.
@@ -43,7 +46,7 @@ __all__ = ["BundleModel", "resolve_config_files"]
 logger = logging.getLogger(__name__)
 
 #: config ids the node sets itself (a user override of these is refused with a message)
-NODE_OWNED_IDS = ("datalist", "write_rtstruct", "write_dicom_seg")
+NODE_OWNED_IDS = {"datalist": [], "write_rtstruct": False, "write_dicom_seg": False, "overwrite": True}
 
 
 def resolve_config_files(bundle, config: str | Sequence[str] | None = ()) -> list[Path]:
@@ -150,9 +153,9 @@ class BundleModel:
                 )
         parser["bundle_root"] = str(self.root)
         parser["output_dir"] = str(Path(output_dir).resolve())
-        for key in NODE_OWNED_IDS:
+        for key, value in NODE_OWNED_IDS.items():
             if key in parser:
-                parser[key] = [] if key == "datalist" else False
+                parser[key] = value
         for key, value in overrides.items():
             parser[key] = value
         for key in ("preprocessing", "postprocessing", "evaluator"):
@@ -185,11 +188,13 @@ class BundleModel:
         """The bundle's ``output_dir`` (set by the node)."""
         return Path(self.parser["output_dir"])
 
-    def predict(self, image) -> dict:
+    def predict(self, image, case_id: str | None = None) -> dict:
         """Run the bundle's inference on one image.
 
         Args:
             image: a DICOM series folder (or a NIfTI file): the bundle's ``image`` input.
+            case_id: name of the bundle's own outputs (``<case_id>_seg.nii.gz``); default: the
+                input's folder or file name.
 
         Returns:
             the post-processed item: ``pred`` is the bundle's final ``(C, X, Y, Z)``
@@ -200,7 +205,7 @@ class BundleModel:
         from monai.transforms import Decollated
 
         ev = self.evaluator
-        data = self.preprocessing({"image": str(image)})
+        data = self.preprocessing({"image": str(image), **({"case_id": str(case_id)} if case_id else {})})
         batch = list_data_collate([data])
         prepared = ev.prepare_batch(batch, ev.state.device, ev.non_blocking, **ev.to_kwargs)
         inputs, targets = prepared[0], prepared[1]

@@ -56,7 +56,7 @@ class Node:
 
     Args:
         spool: the spool (receiving is done by a :class:`StorageSCP` on the same spool).
-        model: the loaded bundle (anything with ``predict(image) -> {"pred": ...}``,
+        model: the loaded bundle (anything with ``predict(image, case_id) -> {"pred": ...}``,
             ``output_dir`` and ``roi_name``, normally a :class:`~npc_gtv.node.model.BundleModel`).
         destination: where the results are sent.
         ae_title: the node's AE title (calling AE title when sending).
@@ -99,7 +99,7 @@ class Node:
         if str(getattr(ct.headers[0], "StudyInstanceUID", "")) != job.study_uid:
             raise ValueError(f"{job.images_dir}: StudyInstanceUID of the images differs from the spool folder")
         with _timed(timings, "inference_s"), prefetched_series(job.images_dir, ct):  # the bundle reads the checked volume
-            item = self.model.predict(job.images_dir)
+            item = self.model.predict(job.images_dir, case_id=job.series_uid)
         with _timed(timings, "write_s"):
             job.output_dir.mkdir(parents=True, exist_ok=True)
             writer = SaveDicomRTd(keys="pred", output_dir=job.output_dir, roi_name=self.roi_name, write_rtstruct=True, write_seg=self.dicom_seg, overwrite=True)  # the job folder is this series's own

@@ -90,11 +90,13 @@ class MarginLoss(nn.Module):
         return loss
 
 
-def deep_supervision_weights(n: int, scheme: str = "nnunet") -> list[float]:
+def deep_supervision_weights(n: int, scheme: str = "nnunet", lowest: float = 0.0) -> list[float]:
     """Weights of ``n`` deep-supervision outputs (full resolution first).
 
-    ``"nnunet"``: ``1 / 2**i``, the lowest resolution weighted 0, normalised to sum 1 (nnU-Net's
-    ``nnUNetTrainer._build_loss``); ``"none"``: the full-resolution output only (``[1, 0, ...]``).
+    ``"nnunet"``: ``1 / 2**i``, the lowest resolution weighted ``lowest`` (0), normalised to sum 1
+    (nnU-Net's ``nnUNetTrainer._build_loss``; under DDP nnU-Net weights it 1e-6 instead, so that every
+    parameter gets a gradient, and so does :class:`SATSLoss`); ``"none"``: the full-resolution output
+    only (``[1, 0, ...]``).
     """
     if n < 1:
         raise ValueError(f"need at least one output, got {n}")
@@ -103,7 +105,7 @@ def deep_supervision_weights(n: int, scheme: str = "nnunet") -> list[float]:
     if scheme == "none" or n == 1:
         return [1.0] + [0.0] * (n - 1)
     w = [1.0 / (2**i) for i in range(n)]
-    w[-1] = 0.0
+    w[-1] = float(lowest)
     total = sum(w)
     return [v / total for v in w]
 
@@ -151,7 +153,8 @@ class SATSLoss(TermsMixin, nn.Module):
 
     def _seg(self, logits, label) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = list(logits) if isinstance(logits, (list, tuple)) else [logits]
-        weights = deep_supervision_weights(len(outputs), self.deep_supervision)
+        ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+        weights = deep_supervision_weights(len(outputs), self.deep_supervision, lowest=1e-6 if ddp else 0.0)
         dice = ce = outputs[0].new_zeros(())
         for w, out in zip(weights, outputs):
             if w == 0:

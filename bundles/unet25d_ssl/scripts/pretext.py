@@ -107,6 +107,11 @@ class PretextSampler(Randomizable, Transform):
         rpl_patch: RPL patch size ``(X, Y, Z)`` (``X, Y`` divisible by 16, ``Z`` by 2).
         rpl_jitter: maximum jitter per axis; cells are ``rpl_patch + rpl_jitter``.
         num_samples: samples drawn per image.
+        min_std: a crop (the rotation cube; the RPL grid's centre and query patches) whose intensity
+            standard deviation is below this is redrawn, up to ``max_tries`` times (the last draw is
+            kept). 0 keeps every draw (uniformly random crops). A crop of uniform tissue looks the same
+            in every orientation and at every grid position, so its label cannot be learnt.
+        max_tries: draws per crop at most.
 
     ``__call__(img)`` with ``img`` ``(1, X, Y, Z)`` returns a list of ``num_samples`` dicts with
     ``rot_image (1, N, N, N)``, ``rot_label`` (int64 scalar), ``rpl_centre``, ``rpl_query``
@@ -114,7 +119,11 @@ class PretextSampler(Randomizable, Transform):
     smaller than a cube or the grid region.
     """
 
-    def __init__(self, rot_size: int = 32, rpl_patch: Sequence[int] = (32, 32, 8), rpl_jitter: Sequence[int] = (4, 4, 2), num_samples: int = 4):
+    def __init__(self, rot_size: int = 32, rpl_patch: Sequence[int] = (32, 32, 8), rpl_jitter: Sequence[int] = (4, 4, 2), num_samples: int = 4,
+                 min_std: float = 0.0, max_tries: int = 10):
+        if min_std < 0 or max_tries < 1:
+            raise ValueError(f"min_std must be >= 0 and max_tries >= 1, got {min_std}, {max_tries}")
+        self.min_std, self.max_tries = float(min_std), int(max_tries)
         if rot_size % 16:
             raise ValueError(f"rot_size must be divisible by 16, got {rot_size}")
         rpl_patch = tuple(int(v) for v in rpl_patch)
@@ -150,23 +159,31 @@ class PretextSampler(Randomizable, Transform):
         shape = np.array(t.shape[1:])
         out = []
         n = self.rot_size
+        p = self.patch
+
+        def crop(start, size):
+            return t[:, start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]]
+
         for _ in range(self.num_samples):
             rot_cls = int(self.R.randint(len(ROTATIONS)))
-            s = [int(self.R.randint(0, shape[a] - n + 1)) for a in range(3)]
-            cube = t[:, s[0] : s[0] + n, s[1] : s[1] + n, s[2] : s[2] + n]
-            origin = [int(self.R.randint(0, shape[a] - region[a] + 1)) for a in range(3)]
-            jitter = np.stack([self.R.randint(0, self.jitter_max[a] + 1, size=27) for a in range(3)], axis=1)
-            starts = rpl_patch_starts(origin, self.cell, self.patch, jitter)
+            for _try in range(self.max_tries):
+                cube = crop([int(self.R.randint(0, shape[a] - n + 1)) for a in range(3)], (n, n, n))
+                if float(cube.std()) >= self.min_std:
+                    break
             label = int(self.R.randint(len(RPL_OFFSETS)))
-            c0 = starts[_grid_row((0, 0, 0))]
-            q0 = starts[_grid_row(RPL_OFFSETS[label])]
-            p = self.patch
+            for _try in range(self.max_tries):
+                origin = [int(self.R.randint(0, shape[a] - region[a] + 1)) for a in range(3)]
+                jitter = np.stack([self.R.randint(0, self.jitter_max[a] + 1, size=27) for a in range(3)], axis=1)
+                starts = rpl_patch_starts(origin, self.cell, self.patch, jitter)
+                centre, query = crop(starts[_grid_row((0, 0, 0))], p), crop(starts[_grid_row(RPL_OFFSETS[label])], p)
+                if min(float(centre.std()), float(query.std())) >= self.min_std:
+                    break
             out.append(
                 {
                     "rot_image": rotate(cube, rot_cls).contiguous(),
                     "rot_label": torch.tensor(rot_cls, dtype=torch.long),
-                    "rpl_centre": t[:, c0[0] : c0[0] + p[0], c0[1] : c0[1] + p[1], c0[2] : c0[2] + p[2]].clone(),
-                    "rpl_query": t[:, q0[0] : q0[0] + p[0], q0[1] : q0[1] + p[1], q0[2] : q0[2] + p[2]].clone(),
+                    "rpl_centre": centre.clone(),
+                    "rpl_query": query.clone(),
                     "rpl_label": torch.tensor(label, dtype=torch.long),
                 }
             )
@@ -181,11 +198,12 @@ class PretextSamplesd(Randomizable, MapTransform):
         other arguments: as :class:`PretextSampler`.
     """
 
-    def __init__(self, keys, rot_size: int = 32, rpl_patch: Sequence[int] = (32, 32, 8), rpl_jitter: Sequence[int] = (4, 4, 2), num_samples: int = 4, allow_missing_keys: bool = False):
+    def __init__(self, keys, rot_size: int = 32, rpl_patch: Sequence[int] = (32, 32, 8), rpl_jitter: Sequence[int] = (4, 4, 2), num_samples: int = 4,
+                 min_std: float = 0.0, max_tries: int = 10, allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"PretextSamplesd takes exactly one image key, got {self.keys}")
-        self.sampler = PretextSampler(rot_size, rpl_patch, rpl_jitter, num_samples)
+        self.sampler = PretextSampler(rot_size, rpl_patch, rpl_jitter, num_samples, min_std, max_tries)
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)
