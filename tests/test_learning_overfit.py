@@ -146,7 +146,7 @@ def test_unet25d_pretext_heads_beat_chance_on_held_out_volumes(tmp_path):
     parser = _parser("unet25d_ssl", ["pretrain.yaml", "demo.yaml"], {
         "unlabeled_dir": str(tmp_path / "healthy"), "unlabeled_cases": 6, "pretext_val_fraction": 0.34,
         "pretext_val_samples": 128, "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval"),
-        "pretrain_epochs": 20, "samples_per_volume": 8, "batch_size": 8,
+        "pretrain_epochs": 20, "pretext_samples_per_volume": 8, "pretext_batch_size": 8,
     })
     cpu = _train(parser)
     report = parser.get_parsed_content("finalize")[-1]
