@@ -120,7 +120,7 @@ def run_bundles(args, rows: list[dict], results: Path) -> list[dict]:
     plan = []
     for name in args.bundles:
         bdir = bundles[name]
-        for recipe in recipes_of(bdir):
+        for recipe in (r for r in recipes_of(bdir) if r in args.recipes):
             for seed in args.seeds:
                 plan += [(name, recipe, seed, b) for b in args.budgets]
             for seed in args.extra_seeds:
@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=Path("/work/bench_data/demo_set"), help="the demo set (generated when missing)")
     ap.add_argument("--bundles", default=",".join(BUNDLES))
     ap.add_argument("--budgets", default="250,500,1000")
+    ap.add_argument("--recipes", default="fast,paper", help="which of the bundles' recipes to run (fast, paper)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--extra_seeds", default="", help="seeds run at --extra_seed_budget only")
     ap.add_argument("--extra_seed_budget", type=int, default=1000)
@@ -263,6 +264,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.bundles = [b for b in args.bundles.split(",") if b]
     args.budgets = [int(b) for b in args.budgets.split(",") if b]
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    if not set(args.recipes) <= {"fast", "paper"}:
+        ap.error(f"--recipes: fast and/or paper, got {args.recipes}")
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -101,31 +101,31 @@ def test_hcf_sanet_overfits_one_phantom(one_case, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def four_cases(tmp_path_factory):
-    """Four small CT phantoms (default tumour contrast): two to train, one to calibrate, one to test."""
+def six_cases(tmp_path_factory):
+    """Six small CT phantoms (default tumour contrast): three to train, one to calibrate, two to test."""
     from npc_gtv.phantoms import generate_dataset
 
-    root = tmp_path_factory.mktemp("four_cases") / "data"
-    generate_dataset(root, cases=4, seed=5, modality="ct", size="small")
+    root = tmp_path_factory.mktemp("six_cases") / "data"
+    generate_dataset(root, cases=6, seed=5, modality="ct", size="small")
     return root
 
 
-def test_hcf_classifier_gate_recall_on_an_unseen_phantom(four_cases, tmp_path):
-    """The gate must pass >= 90 % of an unseen phantom's GTV slices (at the threshold calibrated on another)."""
-    ds = json.loads((four_cases / "dataset.json").read_text())
+def test_hcf_classifier_gate_recall_on_unseen_phantoms(six_cases, tmp_path):
+    """The gate must pass >= 90 % of unseen phantoms' GTV slices (at the threshold calibrated on another)."""
+    ds = json.loads((six_cases / "dataset.json").read_text())
     cases = ds["training"] + ds["test"]
-    assert (len(ds["training"]), len(ds["test"])) == (3, 1)
-    common = {"dataset_dir": str(four_cases), "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval")}
-    entries = [{k: str(four_cases / c[k]) for k in ("image", "label")} for c in cases]
+    assert (len(ds["training"]), len(ds["test"])) == (4, 2)
+    common = {"dataset_dir": str(six_cases), "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval")}
+    entries = [{k: str(six_cases / c[k]) for k in ("image", "label")} for c in cases]
     parser = _parser("hcf_sanet", ["train.yaml", "train_classifier.yaml", "demo.yaml"], {
-        **common, "split": f"$[{entries[:2]!r}, {entries[2:3]!r}]", "iterations_per_epoch": 25, "classifier_epochs": 4,
-        "val_interval": 4,
+        **common, "split": f"$[{entries[:3]!r}, {entries[3:4]!r}]", "iterations_per_epoch": 25, "classifier_epochs": 5,
+        "val_interval": 5,
     })
     cpu = _train(parser)
     calibration = parser.get_parsed_content("finalize")[-1]
     assert 0.0 < calibration["threshold"] <= 0.5 and calibration["recall"] >= 0.95
-    # the unseen phantom's slices through the same pre-processing, scored by the saved classifier
-    test = _parser("hcf_sanet", ["train.yaml", "train_classifier.yaml", "demo.yaml"], {**common, "split": f"$[[], {entries[3:]!r}]"})
+    # the unseen phantoms' slices through the same pre-processing, scored by the saved classifier
+    test = _parser("hcf_sanet", ["train.yaml", "train_classifier.yaml", "demo.yaml"], {**common, "split": f"$[[], {entries[4:]!r}]"})
     cascade = bundle_scripts("hcf_sanet", "cascade")
     net = cascade.load_classifier(test.get_parsed_content("network_def"), tmp_path / "models" / "classifier.pt")
     threshold = cascade.gate_threshold("auto", tmp_path / "models" / "classifier_threshold.json")
@@ -136,8 +136,8 @@ def test_hcf_classifier_gate_recall_on_an_unseen_phantom(four_cases, tmp_path):
             flags.append(torch.as_tensor(batch["has_gtv"]).reshape(-1).bool())
     kept, flags = torch.cat(kept), torch.cat(flags)
     recall = float((kept & flags).sum() / flags.sum())
-    assert flags.sum() >= 3
-    assert recall >= 0.9, f"slice recall {recall:.2f} on the unseen phantom at threshold {threshold:.3f} ({cpu:.0f} s CPU)"
+    assert flags.sum() >= 8
+    assert recall >= 0.9, f"slice recall {recall:.2f} of {int(flags.sum())} GTV slices at threshold {threshold:.3f} ({cpu:.0f} s CPU)"
     assert float(kept.float().mean()) < 1.0  # the gate still rejects slices
 
 

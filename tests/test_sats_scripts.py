@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
-from conftest import bundle_scripts
+from conftest import BUNDLES_DIR, bundle_scripts
 
 LPS = np.diag([-0.9, -0.9, 3.0, 1.0])  # DICOM-like: LR is array axis 0
 PERMUTED = np.array([[0, 0, -1.0, 0], [-0.9, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 1]])  # LR is array axis 2
@@ -29,8 +32,6 @@ def samp_mod():
 
 
 def test_default_network_is_nnunet_plain_unet_with_the_papers_count(net_mod):
-    import sys
-
     net = net_mod.SATSUNet()  # the default configuration = configs/train.yaml network_def
     # nnU-Net's PlainConvUNet for a 56x192x192 patch at 3 mm slices, 2 classes, deep-supervision heads
     assert net_mod.count_parameters(net) == 30_703_498
@@ -39,7 +40,12 @@ def test_default_network_is_nnunet_plain_unet_with_the_papers_count(net_mod):
     assert norms and all(m.affine for m in norms)
     assert all(m.bias is not None for m in net.modules() if isinstance(m, torch.nn.Conv3d))
     # only the U-Net module of dynamic-network-architectures is imported: no timm, no torchvision
-    assert "timm" not in sys.modules and "torchvision" not in sys.modules
+    # (in a fresh process: other tests of this worker may import them)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import scripts.network as n; n.SATSUNet(); "
+            "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(BUNDLES_DIR / "sats_npc")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_residual_option_keeps_its_count(net_mod):
