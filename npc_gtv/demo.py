@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -279,7 +280,8 @@ def demo_command(out: str = "demo_output", cases: int = 10, seed: int = 0, bundl
     """Run the demo: phantoms, shared transforms figure, and each bundle's recipe with its demo.yaml.
 
     Args:
-        out: output folder (created; an existing demo folder is reused only if it holds a previous demo).
+        out: output folder (created; an existing folder is used only if it holds a previous demo, whose phantoms
+            are reused and whose bundle outputs are replaced).
         cases: number of small phantom cases to generate.
         seed: phantom seed.
         bundles: comma-separated bundle names to run, or "all".
@@ -313,6 +315,9 @@ def demo_command(out: str = "demo_output", cases: int = 10, seed: int = 0, bundl
     print(f"[3/4] training, inference and evaluation of {len(names)} bundles with their configs/{DEMO_CONFIG} (log: {work / 'demo.log'})")
     with open(work / "demo.log", "w") as log:
         for b in names:
+            if (work / b).exists():  # a rerun is a new demo: the previous demo's weights and reports of this bundle go
+                print(f"      {b}: replacing the previous demo's outputs in {work / b}", flush=True)
+                shutil.rmtree(work / b)
             rows.append(run_bundle_recipe(b, available[b], dataset_dir, work, log))
             print(f"      {b}: {rows[-1]['status']}" + (f", Dice {rows[-1]['dsc']:.3f}" if rows[-1].get("dsc") is not None else ""), flush=True)
     overview = draw_overview_figure(dataset_json, rows, work / "figures" / "demo_overview.png")
