@@ -40,6 +40,7 @@ COMPONENT_REQUIREMENTS = {
     r"\bMLFlowHandler\b": "mlflow",
     r"\bClearMLStatsHandler\b|\bClearMLImageHandler\b": "clearml",
 }
+_YAML_COMMENT = re.compile(r"(?:^|(?<=\s))#.*$")  # a '#' at the start or after a blank (not 'train#handlers')
 _DOTTED = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)")
 _IMPORT_LINE = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import\s+([\w\s,]+)|import\s+([\w.,\s]+?)(?:\s+as\s+\w+)?)\s*$")
 
@@ -99,6 +100,8 @@ def python_imports(path: Path, package: str | None = None) -> list[tuple[str, bo
 def config_references(config_path: Path) -> set[str]:
     """Dotted module paths a config file refers to (imports, ``_target_``, ``$`` expressions)."""
     text = Path(config_path).read_text(encoding="utf-8")
+    if Path(config_path).suffix in (".yaml", ".yml"):  # YAML comments are prose ("bench/bench_learning.py"), not references
+        text = "\n".join(_YAML_COMMENT.sub("", line) for line in text.splitlines())
     refs: set[str] = set()
     for raw in text.splitlines():
         line = raw.strip().lstrip("-").strip().strip("'\"")

@@ -12,10 +12,17 @@ from conftest import BUNDLES_DIR, REPO_ROOT
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_learning", REPO_ROOT / "bench" / "bench_learning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """bench/bench_learning.py as a module; sys.path and sys.modules are left as they were (other tests scan them)."""
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_learning_under_test", REPO_ROOT / "bench" / "bench_learning.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - saved_modules:
+            if name in ("baselines",):
+                sys.modules.pop(name)
     return mod
 
 
