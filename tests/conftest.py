@@ -6,6 +6,7 @@ be imported side by side under that name. :func:`bundle_scripts` swaps the packa
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -109,26 +110,28 @@ def _mount_tmpfs(where: Path, options: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A folder on a 256 KiB tmpfs (a full disk after a few writes); skipped where tmpfs cannot be mounted."""
-    where = tmp_path / "tiny_disk"
-    _mount_tmpfs(where, "size=256k,mode=0755")
+@contextlib.contextmanager
+def _tmpfs(where: Path, options: str):
+    """Mount a tmpfs with ``options`` at ``where`` for the block (skips the test where that cannot be done)."""
+    _mount_tmpfs(where, options)
     try:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A folder on a 256 KiB tmpfs (a full disk after a few writes); skipped where tmpfs cannot be mounted."""
+    with _tmpfs(tmp_path / "tiny_disk", "size=256k,mode=0755") as where:
+        yield where
 
 
 @pytest.fixture
 def readonly_dir(tmp_path):
     """A folder on a read-only tmpfs (writes fail with EROFS even as root); skipped where tmpfs cannot be mounted."""
-    where = tmp_path / "readonly"
-    _mount_tmpfs(where, "size=64k,ro")
-    try:
+    with _tmpfs(tmp_path / "readonly", "size=64k,ro") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def fill_disk(folder: Path) -> None:
