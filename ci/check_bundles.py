@@ -21,14 +21,16 @@ Checks, in order, per bundle (a failed check does not stop the others):
    bundle uses (vendored or not) is listed in ``required_packages_version`` (MONAI's own torch/numpy
    excepted) and installed; a version different from the listed one is reported as a note. A package (with
    ``scripts/_vendor``) must not list the project distribution whose code it vendors (``npc-gtv``).
-6. ``net_in_out``: ``monai.bundle verify_net_in_out`` (subprocess).
-7. ``torchscript``: ``monai.bundle ckpt_export`` to TorchScript + same output as the eager network, unless
+6. ``net_in_out``: ``monai.bundle verify_net_in_out`` (subprocess) with the zoo's default arguments on the
+   full ``configs/inference.yaml`` (also in quick mode: the metadata's shapes must fit the full network).
+7. ``torchscript``: ``monai.bundle ckpt_export`` of the full network to TorchScript + same output as the
+   eager network (weights: the trained ``model.pt`` with ``--full``, the initial ones in quick mode), unless
    ``metadata.json`` has ``"torchscript": {"exempt": "<reason>"}`` (the reason is printed; a bundle may
    also ask for ``{"use_trace": true}``).
 8. ``train`` / ``eval`` / ``infer``: ``ConfigWorkflow`` + ``check_properties`` + initialise/run/finalise in
    a subprocess on the phantom data, with ``configs/quick.yaml`` merged last unless ``--full``; outputs go
    to a temporary work folder (``ckpt_dir``/``output_dir`` overridden), the trained ``model.pt`` feeds
-   ``eval``/``infer`` and the TorchScript export.
+   ``eval``/``infer`` (and, with ``--full``, the TorchScript export).
 
 Which config files each workflow merges follows this project's convention (``train.yaml``;
 ``inference.yaml + evaluate.yaml``; ``inference.yaml``) and can be changed per bundle in
@@ -279,9 +281,9 @@ def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None
     custom = load_custom(name)
     net_id = custom.get("net_id", "network_def")
     flows = workflow_configs(bundle, custom, quick)
+    # the zoo's commands run on the full inference config whatever the mode (a quick-mode network
+    # can accept shapes the full one does not); quick-trained weights fit only the quick network
     net_configs = custom.get("net_configs", ["configs/inference.yaml"])
-    if quick and (bundle / QUICK_CONFIG).is_file():
-        net_configs = net_configs + [QUICK_CONFIG]
     env = _env(bundle, data_dir, hide_repo)
     meta_file = str(bundle / "configs" / "metadata.json")
     py = sys.executable
@@ -340,7 +342,7 @@ def check_bundle(bundle, *, quick: bool = True, runs: bool = True, work_dir=None
         else:
             cmd = [py, str(CI_DIR / "net_tools.py"), str(bundle), net_id, str(work / "models"), *net_configs,
                    "--torchscript", json.dumps(ts_rule)]
-            if trained.is_file():
+            if trained.is_file() and not quick:
                 cmd += ["--weights", str(trained)]
             ok, out = _run(cmd, bundle, env, timeout)
             net_ok = "NET-IN-OUT-OK" in out

@@ -29,9 +29,8 @@ def _input_shape(parser) -> tuple[int, ...]:
             shape.append(dim)
         elif dim == "*":
             shape.append(16)
-        else:  # "16*n", "2**p": the smallest legal size (n = p = 1)
-            expr = str(dim).replace("**p", "**1").replace("*n", "*1")
-            shape.append(int(eval(expr, {"__builtins__": {}})))  # noqa: S307 - metadata arithmetic only
+        else:  # "16*n", "2**p", "n": the smallest legal size (n = p = 1, as verify_net_in_out's defaults)
+            shape.append(int(eval(str(dim), {"__builtins__": {}}, {"n": 1, "p": 1})))  # noqa: S307 - metadata arithmetic only
     return (1, int(fmt["num_channels"]), *shape)
 
 

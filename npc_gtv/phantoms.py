@@ -607,7 +607,27 @@ def ensure_dataset(dataset_dir, modality: str = "ct", size: str = "full", cases:
 
     A folder that holds files but no ``dataset.json`` is an error: it is probably a user's data set
     that needs converting (``npc-gtv convert``), and it is never written into.
+
+    Bundle configs call it where their data list is read, so nothing is generated when the data
+    come from elsewhere (MONAI Label overrides ``train#dataset#data``). Under an initialised
+    ``torch.distributed`` group every rank calls it: rank 0 generates, the others wait for it.
     """
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency of the bundles, not of the generator
+        dist = None
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() != 0:
+            dist.barrier()  # rank 0 has written the set (or failed: then this rank's own check fails clearly)
+            return _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs)
+        try:
+            return _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs)
+        finally:
+            dist.barrier()
+    return _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs)
+
+
+def _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs) -> Path:
     d = Path(dataset_dir)
     ds = d / "dataset.json"
     if ds.is_file():

@@ -105,6 +105,21 @@ def is_rank0() -> bool:
     return True
 
 
+def no_validation(data) -> bool:
+    """True, with a warning, when the validation list is empty: ``_disabled_`` of a bundle's ``ValidationHandler``.
+
+    MONAI Label sends ``validate#dataset#data`` from its own split (``val_split`` 0.2 of two labelled
+    studies is an empty list); the training then runs without validation instead of failing.
+
+    Args:
+        data: the validation data list (``validate#dataset#data``).
+    """
+    if data is None or len(data) == 0:
+        logger.warning("the validation list is empty: training runs without validation")
+        return True
+    return False
+
+
 def unwrap_module(obj: Any) -> Any:
     """Return the wrapped module of ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``.
 

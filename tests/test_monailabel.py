@@ -41,7 +41,7 @@ BUNDLES = {
     # name -> commands a user runs before MONAI Label can infer (beyond the MONAI Label training itself)
     "sats_npc": [],
     "unet25d_ssl": [],
-    "hcf_sanet": [["train.yaml", "train_classifier.yaml", "quick.yaml"]],
+    "hcf_sanet": [],  # the slice classifier is trained inside `train` (classifier_first: auto)
 }
 
 COMMON = textwrap.dedent(
@@ -72,7 +72,9 @@ CONTRACT_TRAIN = COMMON + textwrap.dedent(
     config_path = os.path.join(path, "configs", "train.json")
     cfg = ConfigParser(); cfg.read_config(config_path); cfg.config.update({"bundle_root": path})
     assert "network" in cfg.config and "network_def" in cfg.config, "MONAI Label needs `network` and `network_def`"
-    train_ds, val_ds = partition_dataset(datalist(ds_dir), ratios=[0.8, 0.2], shuffle=False)
+    # MONAI Label's default split of two labelled studies: an empty validation list
+    train_ds, val_ds = partition_dataset(datalist(ds_dir)[:2], ratios=[0.8, 0.2], shuffle=False)
+    assert len(train_ds) == 2 and val_ds == [], (train_ds, val_ds)
     handlers = cfg.get("train#handlers", [])
     model_pt = os.path.join(path, "models", "model.pt")
     if os.path.exists(model_pt) and not [h for h in handlers if h.get("_target_") == "CheckpointLoader"]:
@@ -233,8 +235,10 @@ def _user_prep(name, path):
 def test_monailabel_contract(name, tmp_path, small_ct_dataset, monkeypatch):
     monkeypatch.setenv("NPC_DS", str(small_ct_dataset))
     path, image = _prepare(name, tmp_path, small_ct_dataset)
-    out = _run(["-c", CONTRACT_TRAIN, str(path), str(small_ct_dataset), "1"], path)
+    home = tmp_path / "npc_gtv_data"  # the phantom home: MONAI Label gives the data, so nothing may be generated
+    out = _run(["-c", CONTRACT_TRAIN, str(path), str(small_ct_dataset), "1"], path, {"NPC_GTV_DATA": str(home)})
     assert "ML-TRAIN-DONE True" in out, out[-3000:]
+    assert not home.exists(), f"{name}: the training generated phantoms although the data were given"
     _user_prep(name, path)
     out = _run(["-c", CONTRACT_INFER, str(path), image], path)
     res = json.loads(next(line for line in out.splitlines() if line.startswith("ML-INFER "))[9:])

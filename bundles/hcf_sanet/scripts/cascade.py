@@ -262,7 +262,7 @@ def calibrate_threshold(classifier: torch.nn.Module, path, dataloader, out_json,
 
     Returns:
         ``{"threshold", "target_recall", "recall", "precision", "positives", "slices"}``; with no
-        positive validation slice the threshold stays 0.5.
+        positive validation slice (or no validation slice at all) the threshold stays 0.5.
     """
     from npc_gtv.training import is_rank0
     from shared_transforms.io import atomic_write
@@ -276,7 +276,10 @@ def calibrate_threshold(classifier: torch.nn.Module, path, dataloader, out_json,
             x = torch.as_tensor(batch["image"]).to(device=device, dtype=torch.float32)
             probs.append(torch.softmax(net(x).float(), 1)[:, 1].cpu())
             flags.append(torch.as_tensor(batch["has_gtv"]).reshape(-1).cpu())
-    p, y = torch.cat(probs), torch.cat(flags).bool()
+    if not probs:
+        logger.warning("no validation slices: the gate threshold stays 0.5 (not calibrated)")
+    p = torch.cat(probs) if probs else torch.zeros(0)
+    y = torch.cat(flags).bool() if flags else torch.zeros(0, dtype=torch.bool)
     pos = p[y]
     if pos.numel() == 0:
         threshold = 0.5

@@ -114,7 +114,8 @@ def slice_has_gtv(label) -> np.ndarray:
     return (arr > 0).flatten(0, 1).any(0).cpu().numpy().astype(np.int64)
 
 
-def volumes_to_slices(datalist: Sequence[dict], transform, keep_empty_cases: bool = True, image_dtype=torch.float16) -> list[dict]:
+def volumes_to_slices(datalist: Sequence[dict], transform, keep_empty_cases: bool = True, image_dtype=torch.float16,
+                      allow_empty: bool = False) -> list[dict]:
     """Pre-process every case and cut it into axial slices.
 
     Args:
@@ -123,6 +124,8 @@ def volumes_to_slices(datalist: Sequence[dict], transform, keep_empty_cases: boo
         keep_empty_cases: keep the slices of cases without any GTV (all normal slices).
         image_dtype: storage dtype of the slice images (float16 halves the memory of the cache;
             :func:`augmentation` converts back to float32).
+        allow_empty: an empty ``datalist`` gives no slices instead of an error (a validation list
+            may be empty; a training list may not).
 
     Returns:
         list of 2D items ``{"image": (1, S, S), "label": (1, S, S) uint8, "has_gtv": int,
@@ -132,6 +135,8 @@ def volumes_to_slices(datalist: Sequence[dict], transform, keep_empty_cases: boo
         InputError: a case that cannot be loaded or whose label does not fit its image (names it).
     """
     if not datalist:
+        if allow_empty:
+            return []
         raise ValueError("the data list is empty: no case to cut into slices")
     slices: list[dict] = []
     for item in datalist:
@@ -178,15 +183,17 @@ class SliceDataset(Dataset):
         volume_transform: 3D pipeline (:func:`volume_transforms` with keys image and label).
         transform: 2D transform of each slice item.
         image_dtype: storage dtype of the slice images.
+        allow_empty: accept an empty ``data`` (validation; see :func:`volumes_to_slices`).
 
     Attributes:
         volumes: the 3D case list.
         flags: per-slice 0/1 "contains GTV" (for :class:`scripts.sampler.BalanceSampler`).
     """
 
-    def __init__(self, data: Sequence[dict], volume_transform, transform=None, image_dtype=torch.float16):
+    def __init__(self, data: Sequence[dict], volume_transform, transform=None, image_dtype=torch.float16,
+                 allow_empty: bool = False):
         self.volumes = list(data)
-        slices = volumes_to_slices(self.volumes, volume_transform, image_dtype=image_dtype)
+        slices = volumes_to_slices(self.volumes, volume_transform, image_dtype=image_dtype, allow_empty=allow_empty)
         super().__init__(slices, transform)
         self.flags = [s["has_gtv"] for s in slices]
 

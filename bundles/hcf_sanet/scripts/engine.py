@@ -10,12 +10,15 @@
   atomically) when the key metric improves and stops training after ``patience`` validations
   without improvement (the paper's early stopping with a tolerance of 30 epochs). It has
   ``state_dict`` / ``load_state_dict`` so that ``ResumableCheckpoint`` resumes it.
+* :func:`train_classifier_first`: the slice-classifier training run inside SANet's ``train`` run
+  (MONAI Label runs only ``train``), when no ``classifier.pt`` is there.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from ignite.engine import Events
@@ -24,7 +27,8 @@ from ignite.metrics import Metric
 from npc_gtv.training import is_rank0, to_cpu, unwrap_module
 from shared_transforms.io import atomic_write
 
-__all__ = ["prepare_classification_batch", "SliceConfusion", "GlobalDice", "BestModelKeeper", "SCORES"]
+__all__ = ["prepare_classification_batch", "SliceConfusion", "GlobalDice", "BestModelKeeper", "SCORES",
+           "train_classifier_first", "CLASSIFIER_FIRST"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +184,14 @@ class BestModelKeeper:
     def attach(self, engine) -> None:
         self.evaluator.add_event_handler(Events.COMPLETED, self._mark)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._keep_last_if_never_validated)
+
+    def _keep_last_if_never_validated(self, trainer) -> None:
+        # no validation ran (an empty validation list, e.g. MONAI Label with two labelled studies):
+        # the last weights are the only ones there are
+        if self.best is None:
+            logger.warning("no validation ran during training: the last weights are written to %s", self.save_path)
+            self.save()
 
     def _mark(self, _engine=None) -> None:
         self._validated = True
@@ -228,3 +240,46 @@ class BestModelKeeper:
                 logger.info("early stopping at epoch %d: no %s improvement for %d validations (best %.4f at epoch %d)",
                             epoch, self.metric_name, self.bad_rounds, self.best if self.best is not None else float("nan"), self.best_epoch)
                 trainer.terminate()
+
+
+CLASSIFIER_FIRST = ("auto", "always", "never")
+
+
+def train_classifier_first(mode: str, classifier_path, config_files: Sequence[str], train_data: Sequence[dict],
+                           val_data: Sequence[dict], max_epochs: int, overrides: Mapping | None = None) -> bool:
+    """Train the slice classifier (``train_classifier.yaml`` merged on ``train.yaml``) before SANet.
+
+    MONAI Label (and anyone who runs only ``train``) would otherwise get a SANet without the gate
+    that inference needs. The classifier is trained on the same cases as SANet (``train#dataset#data``
+    / ``validate#dataset#data`` of the calling run), for the same number of epochs, in a nested
+    ``monai.bundle.run`` of ``config_files``; its ``finalize`` calibrates the gate threshold.
+
+    Args:
+        mode: ``"auto"`` (train when ``classifier_path`` is missing), ``"always"`` or ``"never"``.
+        classifier_path: ``ckpt_dir/classifier.pt``.
+        config_files: the classifier run's configs (``train.yaml``, ``train_classifier.yaml`` and
+            the overrides the calling run merged, e.g. ``quick.yaml``).
+        train_data: training cases (3-D ``{"image", "label"}`` items).
+        val_data: validation cases (may be empty: no validation, the last weights are kept).
+        max_epochs: classifier epochs (the calling trainer's ``max_epochs``, which MONAI Label sets).
+        overrides: further plain-key overrides (``bundle_root``, ``ckpt_dir``, pre-processing keys).
+
+    Returns:
+        True when the classifier was trained.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`CLASSIFIER_FIRST`.
+    """
+    if mode not in CLASSIFIER_FIRST:
+        raise ValueError(f"classifier_first must be one of {CLASSIFIER_FIRST}, got {mode!r}")
+    if mode == "never" or (mode == "auto" and Path(classifier_path).is_file()):
+        return False
+    from monai.bundle import run
+
+    logger.info("training the slice classifier first (%s: %s)", mode, classifier_path)
+    extra = {**dict(overrides or {}), "classifier_first": "never", "train#dataset#data": list(train_data),
+             "validate#dataset#data": list(val_data), "train#trainer#max_epochs": int(max_epochs)}
+    run(run_id="run", config_file=[str(c) for c in config_files], **extra)
+    if not Path(classifier_path).is_file():
+        raise RuntimeError(f"{classifier_path}: the slice-classifier training wrote no weights")
+    return True

@@ -284,6 +284,23 @@ class SANet(nn.Module):
         return F.interpolate(coarse, size=(int(fine.shape[2]), int(fine.shape[3])), mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segment slices, or a volume slice by slice.
+
+        Args:
+            x: slices ``(B, C, H, W)`` or a volume ``(B, C, H, W, D)`` (axial slices along the last
+                axis, as the cascade's pipeline holds them); ``H`` and ``W`` multiples of 16.
+
+        Returns:
+            logits ``(B, K, H, W)``, or ``(B, K, H, W, D)`` for a volume (each slice on its own).
+        """
+        if x.dim() == 5:
+            b, d = int(x.shape[0]), int(x.shape[4])
+            slices = x.permute(0, 4, 1, 2, 3).reshape(b * d, int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
+            y = self._forward_slices(slices)
+            return y.reshape(b, d, int(y.shape[1]), int(y.shape[2]), int(y.shape[3])).permute(0, 2, 3, 4, 1)
+        return self._forward_slices(x)
+
+    def _forward_slices(self, x: torch.Tensor) -> torch.Tensor:
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if h % 16 != 0 or w % 16 != 0:
             raise ValueError(f"SANet input height and width must be multiples of 16, got {h} x {w}")
