@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -92,8 +93,15 @@ def test_trainings_write_cpu_weights_and_resumable_state(trained):
         last = torch.load(ckpt / sub / "checkpoint_last.pt", weights_only=True)
         assert {"model", "optimizer", "lr_scheduler", "best_keeper"} <= set(last)
         assert last["best_keeper"]["best_epoch"] == 1
-    # balance sampling was used: the classifier saw theta_4 draws, SANet too (64 slices, 17 tumour slices + 47)
-    assert "slices from 2 cases" in trained["log_cls"]
+    # balance sampling was used: both trainings drew every tumour slice and 4 normal slices per tumour slice
+    # (theta_4, or all normal slices when there are fewer), read from the sampler's own log line
+    for log in (trained["log_cls"], trained["log_seg"]):
+        draws = re.findall(r"balance sampling \(ratio (\w+)\): epoch \d+ draws (\d+) tumour \+ (\d+) normal slices of (\d+) "
+                           r"\((\d+) \+ (\d+) available\)", log)
+        assert draws, log[-3000:]
+        for ratio, pos, neg, total, avail_pos, avail_neg in draws:
+            pos, neg, total, avail_pos, avail_neg = map(int, (pos, neg, total, avail_pos, avail_neg))
+            assert ratio == "4" and pos == avail_pos > 0 and neg == min(avail_neg, 4 * avail_pos) and pos + neg == total
     assert (trained["work"] / "eval" / "tensorboard_classifier").is_dir()
     assert (trained["work"] / "eval" / "tensorboard_sanet").is_dir()
     # MLflow (MONAI's default tracking settings: sqlite store under output_dir) recorded the run

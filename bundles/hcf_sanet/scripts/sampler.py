@@ -22,6 +22,7 @@ under ``torchrun``, each rank gets an equal, disjoint share of the same draw.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -33,6 +34,8 @@ __all__ = ["BalanceSampler", "parse_ratio", "slice_flags", "RATIOS"]
 
 RATIOS = {"theta_0": 0, "theta_1": 1, "theta_2": 2, "theta_4": 4, "theta_n": None}
 
+
+logger = logging.getLogger(__name__)
 
 def parse_ratio(ratio) -> int | None:
     """``"theta_k"`` / ``k`` / ``"theta_n"`` / ``"n"`` / ``None`` -> normal-per-abnormal count or ``None`` (all)."""
@@ -109,6 +112,10 @@ class BalanceSampler(DistributedSampler):
 
     def __iter__(self):
         chosen = self.draw().tolist()
+        n_pos = int(self.flags[chosen].sum()) if chosen else 0
+        logger.info("balance sampling (ratio %s): epoch %d draws %d tumour + %d normal slices of %d (%d + %d available)",
+                    "all" if self.ratio is None else self.ratio, self.epoch, n_pos, len(chosen) - n_pos, len(chosen),
+                    self.positive.size, self.negative.size)
         if len(chosen) < self.total_size:  # pad so every rank gets the same count
             chosen += chosen[: self.total_size - len(chosen)]
         return iter(chosen[self.rank : self.total_size : self.num_replicas])
