@@ -26,9 +26,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from npc_gtv.resources import PeakRSS
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("sats_npc", "unet25d_ssl", "hcf_sanet")
@@ -53,24 +54,6 @@ print("TRAIN-REQUEST-DONE", len(train), len(val), flush=True)
 """
 
 
-def _peak_rss(proc: subprocess.Popen, out: dict, stop: threading.Event) -> None:
-    import psutil
-
-    root = psutil.Process(proc.pid)
-    while not stop.is_set():
-        total = 0
-        try:
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
-        out["peak"] = max(out.get("peak", 0), total)
-        time.sleep(0.2)
-
-
 def run_one(bundle: str, data_json: Path, work: Path, k: int) -> dict:
     b = REPO / "bundles" / bundle
     ckpt, out = work / f"{bundle}_k{k}" / "models", work / f"{bundle}_k{k}" / "eval"
@@ -84,18 +67,13 @@ def run_one(bundle: str, data_json: Path, work: Path, k: int) -> dict:
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-c", RUN, str(b), str(data_json), str(ckpt), str(out), str(k)],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(b))
-        mem: dict = {}
-        stop = threading.Event()
-        th = threading.Thread(target=_peak_rss, args=(proc, mem, stop), daemon=True)
-        th.start()
-        rc = proc.wait()
-        stop.set()
-        th.join()
+        with PeakRSS(proc.pid) as rss:
+            rc = proc.wait()
     wall = time.time() - t0
     text = log.read_text()
     if rc != 0 or "TRAIN-REQUEST-DONE" not in text:
         raise RuntimeError(f"{bundle} K={k}: the train request failed (exit {rc}); see {log}:\n{text[-3000:]}")
-    return {"bundle": bundle, "iterations": k, "wall_s": round(wall, 1), "peak_rss_gb": round(mem.get("peak", 0) / 2**30, 2),
+    return {"bundle": bundle, "iterations": k, "wall_s": round(wall, 1), "peak_rss_gb": round(rss.peak / 2**30, 2),
             "model_pt": (ckpt / "model.pt").is_file(), "load_avg_1min": round(os.getloadavg()[0], 2),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

@@ -158,3 +158,20 @@ def test_metadata_labels_match_the_masks(name):
     labels = {v.lower(): int(k) for k, v in pred["channel_def"].items() if v.lower() != "background"}
     assert labels == {"gtvp": 1}, labels  # the saved masks mark the GTVp with 1
     assert len(meta["network_data_format"]["inputs"]["image"]["spatial_shape"]) == 3
+
+
+def test_peak_rss_counts_child_processes():
+    """The memory sampler of the server check and bench/bench_train_request.py sees a child's allocation."""
+    pytest.importorskip("psutil")
+    import subprocess
+
+    from npc_gtv.resources import PeakRSS
+
+    code = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'b = bytearray(300 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); import time; time.sleep(1.5)'])"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    with PeakRSS(proc.pid, interval=0.05) as rss:
+        proc.wait()
+    assert proc.returncode == 0
+    assert rss.peak > 300 * 2**20, rss.peak
+    with pytest.raises(ValueError, match="interval"):
+        PeakRSS(os.getpid(), interval=0)

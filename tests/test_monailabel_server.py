@@ -32,7 +32,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from npc_gtv.resources import PeakRSS
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ["sats_npc", "unet25d_ssl", "hcf_sanet"]
@@ -77,43 +78,6 @@ def _multipart(fields: dict) -> tuple[bytes, str]:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n')
     parts.append(f"--{boundary}--\r\n")
     return "".join(parts).encode(), f"multipart/form-data; boundary={boundary}"
-
-
-class _PeakRSS:
-    """Peak resident memory of a process and all its descendants (sampled every 0.2 s)."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        import psutil
-
-        while not self._stop.is_set():
-            total = 0
-            try:
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self.peak = 0
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 class _Server:
@@ -204,7 +168,7 @@ def test_monailabel_server_trains_and_infers(tmp_path, small_ct_dataset):
             body = json.dumps({"max_epochs": 1, "val_split": 0.2, "multi_gpu": False, "device": "cpu",
                                "tracking": "None"}).encode()
             t0 = time.time()
-            with _PeakRSS(server.proc.pid) as rss:
+            with PeakRSS(server.proc.pid) as rss:
                 status, out, _ = _request(f"{server.url}/train/{name}?run_sync=true", "POST", body,
                                           {"Content-Type": "application/json"}, timeout=1800)
             assert status == 200, out[-2000:]
