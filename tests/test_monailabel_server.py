@@ -19,7 +19,7 @@ reads before the YAML files, are the quick-mode merges): small phantoms, one sho
 
 It needs ``monailabel`` and a ``torchvision`` that imports beside the installed torch; the package index's
 torchvision does not import beside the CPU torch 2.13.0 of the README install, so it runs in the
-environment that ``ci/monailabel/install.sh`` makes and is skipped elsewhere (CI included), with the reason.
+environment that ``ci/monailabel_env/install.sh`` makes and is skipped elsewhere (CI included), with the reason.
 Measurements are written to ``$NPC_GTV_MONAILABEL_REPORT`` (JSON) when that is set.
 """
 
@@ -48,7 +48,7 @@ BUNDLES = ["sats_npc", "unet25d_ssl", "hcf_sanet"]
 
 def _skip_reason() -> str | None:
     if importlib.util.find_spec("monailabel") is None:
-        return "monailabel is not installed here (make the environment with ci/monailabel/install.sh)"
+        return "monailabel is not installed here (make the environment with ci/monailabel_env/install.sh)"
     probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]

@@ -219,7 +219,7 @@ def test_evaluate_config_keeps_inference_components_in_sync():
     inf = yaml.safe_load((cfg / "inference.yaml").read_text())
     ev = yaml.safe_load((cfg / "evaluate.yaml").read_text())
     differing = {k for k in set(inf) | set(ev) if inf.get(k) != ev.get(k)}
-    assert differing == {"datalist", "datalist_file", "imports", "initialize", "finalize", "inferring", "inference", "evaluating"}
+    assert differing == {"datalist", "datalist_file", "imports", "finalize", "inferring", "inference", "evaluating"}
     assert set(inf["imports"]) < set(ev["imports"])
     assert "evaluate_folders" in ev["finalize"][0]
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A MONAI Label 0.8.5 environment beside this project (docs/operating.md, "MONAI Label").
-#   ci/monailabel/install.sh VENV [TORCH_PINS]
+#   ci/monailabel_env/install.sh VENV [TORCH_PINS]
 # VENV: the virtual environment to make (must not exist). TORCH_PINS: a torch + torchvision pair that
 # import together on this machine (default "torch==2.14.1 torchvision==0.29.1": on x86_64 pip takes the
 # pair from this workplace's disk; it is a CUDA build and runs on the CPU). The README's torch 2.13.0
 # CPU build has no torchvision on the package index that imports beside it, and MONAI Label imports
 # torchvision, so this environment is separate from the README's.
 set -euo pipefail
-VENV=${1:?usage: ci/monailabel/install.sh VENV [TORCH_PINS]}
+VENV=${1:?usage: ci/monailabel_env/install.sh VENV [TORCH_PINS]}
 TORCH_PINS=${2:-"torch==2.14.1 torchvision==0.29.1"}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)

@@ -1,4 +1,4 @@
-"""Import shim for MONAI Label 0.8.5 beside pydicom 3 (installed by ``ci/monailabel/install.sh``).
+"""Import shim for MONAI Label 0.8.5 beside pydicom 3 (installed by ``ci/monailabel_env/install.sh``).
 
 MONAI Label's inference endpoint imports ``pydicom_seg`` (DICOM SEG output), whose reader imports
 ``pydicom._storage_sopclass_uids``, a module pydicom 3 removed; the UIDs it needs live in
