@@ -616,15 +616,15 @@ def ensure_dataset(dataset_dir, modality: str = "ct", size: str = "full", cases:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch is a dependency of the bundles, not of the generator
         dist = None
-    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_rank() != 0:
-            dist.barrier()  # rank 0 has written the set (or failed: then this rank's own check fails clearly)
-            return _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs)
-        try:
-            return _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs)
-        finally:
+    shared = dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank0 = not shared or dist.get_rank() == 0
+    if not rank0:
+        dist.barrier()  # rank 0 has written the set (or failed: then this rank's own check fails clearly)
+    try:
+        return _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs)
+    finally:
+        if shared and rank0:
             dist.barrier()
-    return _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs)
 
 
 def _ensure_dataset(dataset_dir, modality, size, cases, seed, **kwargs) -> Path:

@@ -34,8 +34,8 @@ __all__ = ["BalanceSampler", "parse_ratio", "slice_flags", "RATIOS"]
 
 RATIOS = {"theta_0": 0, "theta_1": 1, "theta_2": 2, "theta_4": 4, "theta_n": None}
 
-
 logger = logging.getLogger(__name__)
+
 
 def parse_ratio(ratio) -> int | None:
     """``"theta_k"`` / ``k`` / ``"theta_n"`` / ``"n"`` / ``None`` -> normal-per-abnormal count or ``None`` (all)."""
