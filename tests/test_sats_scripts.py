@@ -301,6 +301,38 @@ def _train_pipeline(tmp_path, align: bool):
     return Compose(parser.get_parsed_content("common_transforms") + parser.get_parsed_content("train#deterministic_transforms"))
 
 
+def test_train_patches_with_nnunet_augmentation(tmp_path):
+    """train.yaml's default augmentation (nnU-Net's) on the quick size: the sampler crops nnU-Net's larger initial
+    patch, the augmentation returns every key at patch_size, and the labels stay binary; demo.yaml
+    turns it off (the crop is then the patch)."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from npc_gtv.phantoms import make_phantom
+    from shared_transforms.io import save_nifti
+
+    bundle_scripts("sats_npc")
+    ph = make_phantom(4, size="small")
+    save_nifti(ph.image, ph.affine, tmp_path / "ct.nii.gz")
+    save_nifti(ph.label, ph.affine, tmp_path / "gt.nii.gz")
+    item = {"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "gt.nii.gz")}
+    cfg = BUNDLES_DIR / "sats_npc" / "configs"
+    for files, crop in (([cfg / "train.yaml", cfg / "quick.yaml"], [75, 75, 16]), ([cfg / "train.yaml", cfg / "demo.yaml"], [48, 48, 32])):
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        parser.update({"symmetric_align": False, "dataset_dir": str(tmp_path), "normalization": "window", "num_samples": 3})
+        assert parser.get_parsed_content("crop_size") == crop  # quick: 64 / 16 > 3, nnU-Net's in-plane (dummy 2D) mode
+        pipeline = Compose(parser.get_parsed_content("common_transforms") + parser.get_parsed_content("train#deterministic_transforms")
+                           + parser.get_parsed_content("train#random_transforms"))
+        pipeline.set_random_state(0)
+        patch = parser.get_parsed_content("patch_size")
+        for sample in pipeline(dict(item)):
+            for key in ("image", "label", "image_flipped", "label_flipped", "asym_mask"):
+                assert tuple(sample[key].shape[1:]) == tuple(patch), (files[-1].name, key)
+            for key in ("label", "label_flipped", "asym_mask"):
+                assert set(torch.unique(sample[key]).tolist()) <= {0.0, 1.0}
+
+
 @pytest.mark.slow
 def test_train_preprocessing_symmetric_alignment(tmp_path):
     """With the registration on, the mirror pairs healthy anatomy: the image/mirror difference drops and the
