@@ -67,6 +67,7 @@ from monai.transforms import (
 
 __all__ = [
     "ANISO_THRESHOLD",
+    "coarse_axis_of",
     "nnunet_rotation",
     "initial_patch_size",
     "RandNNUNetSpatial",

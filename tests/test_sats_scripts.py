@@ -284,51 +284,51 @@ def test_mirror_crop_rejects_small_volume(samp_mod):
         samp_mod.mirror_consistent_box([10, 10, 4], [8, 8, 8], 0, [0, 0, 0])
 
 
-def _train_pipeline(tmp_path, align: bool):
-    """The deterministic part of train.yaml's pre-processing (quick mode), parsed from the config."""
+def _train_parser(tmp_path, align: bool, override: str = "quick.yaml", **updates):
+    """train.yaml + ``override`` parsed (this bundle's ``scripts`` on sys.path for the _target_s)."""
     from monai.bundle import ConfigParser
 
-    bundle_scripts("sats_npc")  # puts this bundle's `scripts` on sys.path for the _target_s
-    from conftest import BUNDLES_DIR
-
+    bundle_scripts("sats_npc")
     cfg = BUNDLES_DIR / "sats_npc" / "configs"
     parser = ConfigParser()
-    parser.read_config([str(cfg / "train.yaml"), str(cfg / "quick.yaml")])
-    # the HU window keeps this test free of a fingerprint file; it is about the registration
-    parser.update({"symmetric_align": align, "dataset_dir": str(tmp_path), "normalization": "window"})
+    parser.read_config([str(cfg / "train.yaml"), str(cfg / override)])
+    # the HU window keeps these tests free of a fingerprint file
+    parser.update({"symmetric_align": align, "dataset_dir": str(tmp_path), "normalization": "window", **updates})
+    return parser
+
+
+def _train_pipeline(parser, random: bool = False):
+    """The training pre-processing of a parsed train config: deterministic part, and the random part if asked."""
     from monai.transforms import Compose
 
-    return Compose(parser.get_parsed_content("common_transforms") + parser.get_parsed_content("train#deterministic_transforms"))
+    parts = ["common_transforms", "train#deterministic_transforms"] + (["train#random_transforms"] if random else [])
+    return Compose([t for part in parts for t in parser.get_parsed_content(part)])
+
+
+def _phantom_item(tmp_path, ph) -> dict:
+    from shared_transforms.io import save_nifti
+
+    save_nifti(ph.image, ph.affine, tmp_path / "ct.nii.gz")
+    save_nifti(ph.label, ph.affine, tmp_path / "gt.nii.gz")
+    return {"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "gt.nii.gz")}
 
 
 def test_train_patches_with_nnunet_augmentation(tmp_path):
     """train.yaml's default augmentation (nnU-Net's) on the quick size: the sampler crops nnU-Net's larger initial
     patch, the augmentation returns every key at patch_size, and the labels stay binary; demo.yaml
     turns it off (the crop is then the patch)."""
-    from monai.bundle import ConfigParser
-    from monai.transforms import Compose
-
     from npc_gtv.phantoms import make_phantom
-    from shared_transforms.io import save_nifti
 
-    bundle_scripts("sats_npc")
-    ph = make_phantom(4, size="small")
-    save_nifti(ph.image, ph.affine, tmp_path / "ct.nii.gz")
-    save_nifti(ph.label, ph.affine, tmp_path / "gt.nii.gz")
-    item = {"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "gt.nii.gz")}
-    cfg = BUNDLES_DIR / "sats_npc" / "configs"
-    for files, crop in (([cfg / "train.yaml", cfg / "quick.yaml"], [75, 75, 16]), ([cfg / "train.yaml", cfg / "demo.yaml"], [48, 48, 32])):
-        parser = ConfigParser()
-        parser.read_config([str(f) for f in files])
-        parser.update({"symmetric_align": False, "dataset_dir": str(tmp_path), "normalization": "window", "num_samples": 3})
+    item = _phantom_item(tmp_path, make_phantom(4, size="small"))
+    for override, crop in (("quick.yaml", [75, 75, 16]), ("demo.yaml", [48, 48, 32])):
+        parser = _train_parser(tmp_path, False, override, num_samples=3)
         assert parser.get_parsed_content("crop_size") == crop  # quick: 64 / 16 > 3, nnU-Net's in-plane (dummy 2D) mode
-        pipeline = Compose(parser.get_parsed_content("common_transforms") + parser.get_parsed_content("train#deterministic_transforms")
-                           + parser.get_parsed_content("train#random_transforms"))
+        pipeline = _train_pipeline(parser, random=True)
         pipeline.set_random_state(0)
         patch = parser.get_parsed_content("patch_size")
         for sample in pipeline(dict(item)):
             for key in ("image", "label", "image_flipped", "label_flipped", "asym_mask"):
-                assert tuple(sample[key].shape[1:]) == tuple(patch), (files[-1].name, key)
+                assert tuple(sample[key].shape[1:]) == tuple(patch), (override, key)
             for key in ("label", "label_flipped", "asym_mask"):
                 assert set(torch.unique(sample[key]).tolist()) <= {0.0, 1.0}
 
@@ -339,13 +339,10 @@ def test_train_preprocessing_symmetric_alignment(tmp_path):
     asymmetric mask matches the phantom's true asymmetric tumour fraction."""
     pytest.importorskip("shared_transforms.symmetry")
     from npc_gtv.phantoms import make_phantom
-    from shared_transforms.io import save_nifti
 
     ph = make_phantom(3, size="small", pose={"yaw_deg": 8.0, "roll_deg": -4.0, "translation_mm": [7.0, 0.0, 0.0]}, crossing=False)
-    save_nifti(ph.image, ph.affine, tmp_path / "ct.nii.gz")
-    save_nifti(ph.label, ph.affine, tmp_path / "gt.nii.gz")
-    item = {"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "gt.nii.gz")}
-    out = {a: _train_pipeline(tmp_path, a)(dict(item)) for a in (False, True)}
+    item = _phantom_item(tmp_path, ph)
+    out = {a: _train_pipeline(_train_parser(tmp_path, a))(dict(item)) for a in (False, True)}
     diffs = {}
     for a, d in out.items():
         img, flip, lab = d["image"][0].numpy(), d["image_flipped"][0].numpy(), d["label"][0].numpy()
