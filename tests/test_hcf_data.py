@@ -146,6 +146,73 @@ def test_cascade_zero_fills_rejected_slices_and_keeps_grid(hcf):
     assert empty.shape == (1, 2, 16, 16, 3) and bool((empty.argmax(1) == 0).all())
 
 
+
+class _MaskSegmenter(torch.nn.Module):
+    """Foreground logit +5 where a fixed in-plane mask is 1, -5 elsewhere (one mask for every slice)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", torch.as_tensor(mask, dtype=torch.float32))
+
+    def forward(self, x):
+        fg = (self.mask * 10 - 5).expand(x.shape[0], 1, *self.mask.shape)
+        return torch.cat([-fg, fg], 1)
+
+
+class _FixedSliceClassifier(torch.nn.Module):
+    """GTV probability ``probs[z]`` for the z-th slice of each call (a volume of len(probs) slices)."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.probs = torch.tensor(probs)
+
+    def forward(self, x):
+        p = self.probs[: x.shape[0]].clamp(1e-6, 1 - 1e-6)
+        return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], 1)
+
+
+def test_fold_vote_is_the_majority_of_the_fold_cascades(hcf):
+    """Three folds, hand-made masks and gates: the ensemble label is the per-voxel majority of the
+    folds' cascade outputs (a fold's rejected slice votes background), the gate a majority too."""
+    from monai.data import MetaTensor
+
+    cascade = hcf["cascade"]
+    a, b, c = torch.zeros(4, 4), torch.zeros(4, 4), torch.zeros(4, 4)
+    a[0:2, 0:2] = 1  # voxels (0..1, 0..1)
+    b[1:3, 1:3] = 1
+    c[1:2, 0:3] = 1
+    # fold gates on the 3 slices: fold 0 keeps all, fold 1 rejects slice 2, fold 2 rejects slices 0 and 2
+    gates = [[0.9, 0.9, 0.9], [0.9, 0.9, 0.1], [0.1, 0.9, 0.2]]
+    cascades = [cascade.CascadeInferer(_FixedSliceClassifier(g), threshold=0.5) for g in gates]
+    ensemble = cascade.FoldEnsemble([_MaskSegmenter(m) for m in (a, b, c)])
+    inputs = MetaTensor(torch.zeros(1, 1, 4, 4, 3), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+    vote = cascade.FoldVoteInferer(cascades)
+    out = vote(inputs, ensemble)
+    assert out.shape == (1, 2, 4, 4, 3) and isinstance(out, MetaTensor)
+    assert torch.allclose(out.sum(1), torch.ones(1, 4, 4, 3))
+    label = out.argmax(1)[0]
+    kept = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 1, 0]], dtype=torch.float32)  # fold x slice: slice kept
+    masks = torch.stack([a, b, c])
+    for z in range(3):
+        votes = (masks * kept[:, z, None, None]).sum(0)
+        assert torch.equal(label[..., z], (votes >= 2).long()), z
+        assert torch.allclose(out[0, 1, ..., z], votes / 3)
+    # slice 1: all folds keep it; (1,1) is in a, b and c, (1,0) in a and c, (1,2) in b and c
+    assert sorted(map(tuple, torch.nonzero(label[..., 1]).tolist())) == [(1, 0), (1, 1), (1, 2)]
+    # slice 0: folds 0 and 1 keep it, so a voxel needs both a and b: only (1,1)
+    assert torch.nonzero(label[..., 0]).tolist() == [[1, 1]]
+    # slice 2: only fold 0 keeps it -> no majority anywhere
+    assert not label[..., 2].any()
+    assert vote.last_keep.tolist() == [[True, True, False]]
+    assert vote.threshold == [0.5, 0.5, 0.5] and vote.timings["slices"] == 9
+    with pytest.raises(ValueError, match="3 fold cascades but the network has 2"):
+        vote(inputs, cascade.FoldEnsemble([_MaskSegmenter(a), _MaskSegmenter(b)]))
+    with pytest.raises(ValueError, match="at least one"):
+        cascade.FoldVoteInferer([])
+    with pytest.raises(ValueError, match="ensemble_folds is empty"):
+        cascade.fold_ckpt_dirs("/models", [])
+    assert cascade.fold_ckpt_dirs("/models", [0, 3]) == ["/models/fold0", "/models/fold3"]
+
 def test_slice_recorder_hand_computed(hcf, tmp_path):
     from types import SimpleNamespace
 

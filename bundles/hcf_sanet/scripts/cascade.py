@@ -34,7 +34,18 @@ from monai.inferers import Inferer
 
 from .engine import confusion_scores
 
-__all__ = ["CascadeInferer", "SliceDecisionRecorder", "load_classifier", "calibrate_threshold", "gate_threshold"]
+__all__ = [
+    "CascadeInferer",
+    "FoldEnsemble",
+    "FoldVoteInferer",
+    "SliceDecisionRecorder",
+    "load_classifier",
+    "load_fold_ensemble",
+    "fold_cascades",
+    "fold_ckpt_dirs",
+    "calibrate_threshold",
+    "gate_threshold",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +223,137 @@ class CascadeInferer(Inferer):
             out_meta.copy_meta_from(inputs)
             return out_meta
         return vol
+
+
+class FoldEnsemble(torch.nn.Module):
+    """The SANets of the cross-validation folds, one per fold (the network of the fold-ensemble
+    inference; :class:`FoldVoteInferer` runs each with its own fold's gate).
+
+    Args:
+        members: one segmentation network per fold, in fold order.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise ValueError("FoldEnsemble needs at least one member network")
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean softmax of the members on ``(N, C, H, W)`` slices (no gating; see FoldVoteInferer)."""
+        return torch.stack([torch.softmax(m(x).float(), 1) for m in self.members]).mean(0)
+
+
+class FoldVoteInferer(Inferer):
+    """Majority vote of the fold cascades (the HCF authors' fold ensemble).
+
+    Fold ``k``'s :class:`CascadeInferer` (its classifier and gate threshold) runs with fold ``k``'s
+    SANet (``network.members[k]``); each fold's result is arg-maxed, and the output holds, per class,
+    the share of folds that voted for it: ``argmax`` of it is the majority (plurality) label, a tie
+    going to the lower class, i.e. background. The largest connected component is kept afterwards by
+    the inference post-processing (``keep_largest_component: true`` in ``fold_ensemble.yaml``).
+
+    Args:
+        cascades: one :class:`CascadeInferer` per fold, in the order of ``network.members``.
+
+    Call:
+        ``inferer(inputs (B, C, X, Y, Z), network: FoldEnsemble) -> (B, K, X, Y, Z)`` vote shares.
+
+    Attributes (of the last call, for :class:`SliceDecisionRecorder`):
+        last_keep: ``(B, Z)`` slices that a majority of the folds' gates kept.
+        last_prob: ``(B, Z)`` mean gate probability over the folds.
+        threshold: the folds' gate thresholds; timings: summed over the folds.
+    """
+
+    def __init__(self, cascades):
+        super().__init__()
+        self.cascades = list(cascades)
+        if not self.cascades:
+            raise ValueError("FoldVoteInferer needs at least one fold cascade")
+        self.threshold = [c.threshold for c in self.cascades]
+        self.last_keep: torch.Tensor | None = None
+        self.last_prob: torch.Tensor | None = None
+
+    @property
+    def timings(self) -> dict:
+        return {k: sum(c.timings[k] for c in self.cascades) for k in ("classifier_s", "segmenter_s", "slices", "kept")}
+
+    def reset_timings(self) -> None:
+        for c in self.cascades:
+            c.reset_timings()
+
+    def __call__(self, inputs: torch.Tensor, network: FoldEnsemble, *args, **kwargs) -> torch.Tensor:
+        members = list(getattr(network, "members", []))
+        if len(members) != len(self.cascades):
+            raise ValueError(f"FoldVoteInferer has {len(self.cascades)} fold cascades but the network has {len(members)} members")
+        votes, keeps, probs = None, [], []
+        for cascade, net in zip(self.cascades, members):
+            out = cascade(inputs, net)
+            k = out.shape[1]
+            onehot = torch.nn.functional.one_hot(torch.as_tensor(out).argmax(1), k).movedim(-1, 1).float()
+            votes = onehot if votes is None else votes + onehot
+            keeps.append(cascade.last_keep)
+            if cascade.last_prob is not None:
+                probs.append(cascade.last_prob)
+        shares = votes / len(members)
+        self.last_keep = torch.stack(keeps).float().mean(0) > 0.5
+        self.last_prob = torch.stack(probs).mean(0) if probs else None
+        if isinstance(inputs, MetaTensor):
+            out_meta = MetaTensor(shares)
+            out_meta.copy_meta_from(inputs)
+            return out_meta
+        return shares
+
+
+def fold_ckpt_dirs(ckpt_dir, folds) -> list[str]:
+    """``ckpt_dir/fold<k>`` for each fold (the layout written by ``configs/cross_validation.yaml``)."""
+    from npc_gtv.crossval import fold_dir
+
+    folds = [int(k) for k in folds]
+    if not folds:
+        raise ValueError("ensemble_folds is empty: list the folds to ensemble, e.g. [0, 1, 2, 3, 4]")
+    return [fold_dir(ckpt_dir, k) for k in folds]
+
+
+def load_fold_ensemble(network: torch.nn.Module, ckpt_dirs, device="cpu") -> FoldEnsemble:
+    """One copy of ``network`` per fold with that fold's ``model.pt`` loaded (when the config is parsed).
+
+    Raises:
+        InputError: a fold's weights file is missing, unsafe or does not fit (names the file).
+    """
+    import copy
+
+    from npc_gtv.training import load_weights
+    from shared_transforms.io import InputError
+
+    members = []
+    for d in ckpt_dirs:
+        path = Path(d) / "model.pt"
+        state = load_weights(path, map_location="cpu")
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        member = copy.deepcopy(network)
+        try:
+            member.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise InputError(path, f"weights do not fit the segmentation network: {str(exc).strip()[:300]}") from exc
+        members.append(member)
+    return FoldEnsemble(members).to(device).eval()
+
+
+def fold_cascades(classifier: torch.nn.Module, ckpt_dirs, cls_threshold="auto", device="cpu", use_classifier: bool = True,
+                  **cascade_args) -> list[CascadeInferer]:
+    """One :class:`CascadeInferer` per fold: a copy of ``classifier`` with the fold's ``classifier.pt``
+    and the fold's gate threshold (``cls_threshold`` as in ``inference.yaml``: ``auto`` reads the
+    fold's ``classifier_threshold.json``)."""
+    import copy
+
+    cascades = []
+    for d in ckpt_dirs:
+        clf = load_classifier(copy.deepcopy(classifier), Path(d) / "classifier.pt", device, enabled=use_classifier)
+        threshold = gate_threshold(cls_threshold, Path(d) / "classifier_threshold.json")
+        cascades.append(CascadeInferer(clf, threshold=threshold, use_classifier=use_classifier, **cascade_args))
+    return cascades
 
 
 def load_classifier(network: torch.nn.Module, path, device="cpu", enabled: bool = True):
