@@ -86,7 +86,8 @@ def test_train_all_scales_with_frozen_shared_encoder(cycle):
         assert all(v.device.type == "cpu" for v in member.values())
     ens = torch.load(work / "models" / "model.pt", weights_only=True)
     encoder = torch.load(work / "models" / "pretrain" / "encoder.pt", weights_only=True)
-    assert json.loads((work / "models" / "ensemble.json").read_text())["shared_encoder"] is True
+    layout = json.loads((work / "models" / "ensemble.json").read_text())
+    assert layout["shared_encoder"] is True and layout["negative_slope"] == 0.0  # the paper's ReLU, recorded for inference
     # one encoder copy on disk, identical to the pretrained (frozen) one; five decoders
     enc_keys = [k for k in ens if k.startswith("encoder.")]
     assert len(enc_keys) == len(encoder)

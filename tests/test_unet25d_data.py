@@ -3,8 +3,11 @@ post-processing as configured in inference.yaml."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
+import monai
 import numpy as np
 import pytest
 import torch
@@ -66,13 +69,55 @@ def test_scale_crop_gtv_larger_than_crop_is_centred(tr):
     assert out.shape == (1, 40, 40, 10)
 
 
-def test_transpose_in_plane(tr):
-    x = torch.arange(6 * 4 * 5).float().reshape(1, 6, 4, 5)
-    t = tr.RandTransposeInPlaned(keys=["a", "b"], prob=1.0)
+def test_transpose_axes_keeps_the_patch_shape(tr):
+    """The paper's transposition across x, y, z: on the anisotropic 128 x 128 x 16-style patch only
+    X <-> Y keeps the shape; on a cubic patch all five non-identity permutations occur."""
+    x = torch.arange(4 * 4 * 2).float().reshape(1, 4, 4, 2)
+    t = tr.RandTransposeAxesd(keys=["a", "b"], axes=[0, 1, 2], prob=1.0)
     out = t({"a": x, "b": x.clone()})
-    assert out["a"].shape == (1, 4, 6, 5)
+    assert out["a"].shape == (1, 4, 4, 2)
     assert torch.equal(out["a"], x.transpose(1, 2)) and torch.equal(out["a"], out["b"])
-    assert torch.equal(tr.RandTransposeInPlaned(keys="a", prob=0.0)({"a": x})["a"], x)
+    assert torch.equal(tr.RandTransposeAxesd(keys="a", prob=0.0)({"a": x})["a"], x)
+    cube = torch.arange(27).float().reshape(1, 3, 3, 3)
+    seen = set()
+    t3 = tr.RandTransposeAxes(axes=(0, 1, 2), prob=1.0)
+    t3.set_random_state(0)
+    for _ in range(200):
+        y = t3(cube)
+        matches = [p for p in itertools.permutations(range(3)) if torch.equal(y, cube.permute(0, *[1 + i for i in p]))]
+        assert len(matches) == 1  # a pure permutation of the axes (the cube's values are all distinct)
+        seen.add(matches[0])
+    assert len(seen) == 5 and (0, 1, 2) not in seen
+    # X <-> Z only when asked, and never a shape change with keep_shape
+
+    def drawn(shape, **kw):
+        t = tr.RandTransposeAxes(prob=1.0, **kw)
+        t.randomize()
+        return t.permutation(shape)
+
+    assert drawn((3, 3, 3), axes=(0, 1)) == (1, 0, 2)
+    assert drawn((4, 4, 2), axes=(0, 2)) == (0, 1, 2)
+    assert drawn((4, 4, 2), axes=(0, 2), keep_shape=False) == (2, 1, 0)
+    with pytest.raises(ValueError, match="distinct spatial axes"):
+        tr.RandTransposeAxes(axes=(0, 0))
+    with pytest.raises(ValueError, match="prob"):
+        tr.RandTransposeAxes(prob=2.0)
+
+
+def test_training_augmentation_rotates_about_every_axis():
+    """train.yaml's rotation covers X, Y and Z (paper section 3.2.2), its transposition all three axes."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / "unet25d_ssl" / "configs" / "train.yaml"))
+    parser.parse()
+    assert parser.get_parsed_content("rotate_range_deg") == [15, 15, 15]
+    items = parser.get("train#random_transforms")
+    rot = next(i for i, t in enumerate(items) if t["_target_"] == "RandRotated")
+    for axis in ("x", "y", "z"):
+        assert parser.get_parsed_content(f"train#random_transforms#{rot}#range_{axis}") == pytest.approx(math.radians(15))
+    trans = next(t for t in items if t["_target_"].endswith("RandTransposeAxesd"))
+    assert parser.get_parsed_content(trans["axes"][1:]) == [0, 1, 2]
 
 
 def test_ensemble_output_threshold_and_spread(tr):
@@ -237,3 +282,39 @@ def test_metadata_against_offline_zoo_schema():
     assert meta["version"] in meta["changelog"]
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "GTVp"}
+
+
+@pytest.mark.parametrize("scale_input", ["crop", "patch"])
+def test_scale_models_are_fed_their_scale_crops(tr, small_ct_dataset, tmp_path, scale_input):
+    """scale_input crop (default, paper section 2.2): each scale model's input is its scale crop of the
+    volume (padded to the network's divisor), so extra-large and extra-small inputs differ in size;
+    patch: every scale gets patch_size patches from inside its crop."""
+    from monai.bundle import ConfigParser
+
+    net = bundle_scripts("unet25d_ssl", "network")
+    shapes = {}
+    for scale in ("extra_large", "extra_small"):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLES_DIR / "unet25d_ssl" / "configs" / c) for c in ("train.yaml", "quick.yaml")])
+        parser.update({"bundle_root": str(BUNDLES_DIR / "unet25d_ssl"), "dataset_dir": str(small_ct_dataset),
+                       "ckpt_dir": str(tmp_path / "models"), "scale": scale, "scale_input": scale_input})
+        parser.parse()
+        item = parser.get_parsed_content("train#data")[0]
+        volume = parser.get_parsed_content("train#preprocessing").transforms
+        det = [t for t in volume if not isinstance(t, monai.transforms.Randomizable)]
+        vol_shape = tuple(monai.transforms.Compose(det)(item)["image"].shape[1:])
+        samples = parser.get_parsed_content("train#preprocessing")(item)
+        assert len(samples) == parser.get_parsed_content("samples_per_volume")
+        shapes[scale] = {tuple(s["image"].shape[1:]) for s in samples}
+        assert all(s["image"].shape == s["label"].shape for s in samples)
+        if scale_input == "crop":
+            crop = tr.scale_crop_size(vol_shape, scale)
+            expected = tuple(int(math.ceil(c / d) * d) for c, d in zip(crop, net.DIVISOR))
+            assert shapes[scale] == {expected}, (vol_shape, crop)
+            assert parser.get_parsed_content("volumes_per_batch") == 1
+        else:
+            assert shapes[scale] == {tuple(parser.get_parsed_content("patch_size"))}
+    if scale_input == "crop":
+        assert shapes["extra_large"] != shapes["extra_small"]
+    with pytest.raises(ValueError, match="scale_input must be one of"):
+        tr.scale_input_mode("resize")

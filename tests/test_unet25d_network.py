@@ -137,3 +137,30 @@ def test_pretext_net_outputs(net):
     rot, rpl = model((torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 4), torch.randn(2, 1, 16, 16, 4)))
     assert rot.shape == (2, 10) and rpl.shape == (2, 26)
     assert isinstance(model.encoder, net.UNet25DEncoder)
+
+
+def test_activation_is_the_papers_relu_with_leaky_option(net, tmp_path):
+    """Section 2.1's ReLU by default (slope 0 = exactly ReLU), the authors' LeakyReLU 0.01 as an option;
+    the ensemble builds its members with the slope, and inference reads the slope the training recorded."""
+    import json
+
+    workflow = bundle_scripts("unet25d_ssl", "workflow")
+
+    def slopes(module):
+        return {m.negative_slope for m in module.modules() if isinstance(m, torch.nn.LeakyReLU)}
+
+    model = net.UNet25D()
+    assert slopes(model) == {0.0} and net.count_parameters(model) == 3_845_058
+    x = torch.randn(1, 1, 16, 16, 2)
+    act = model.encoder.block1[2]
+    assert torch.equal(act(x.clone()), torch.relu(x))
+    assert slopes(net.UNet25D(negative_slope=0.01)) == {0.01}
+    assert slopes(net.UNet25DEnsemble(2, shared_encoder=True, negative_slope=0.01)) == {0.01}
+    assert slopes(net.UNet25DEnsemble(2, shared_encoder=False)) == {0.0}
+    assert slopes(net.PretextNet().encoder) == {0.0} and slopes(net.PretextNet(negative_slope=0.01).encoder) == {0.01}
+    # what inference uses: no ensemble.json -> the paper's ReLU; a pre-0.4 ensemble.json -> 0.01; else its value
+    assert workflow.ensemble_slope(tmp_path) == 0.0
+    (tmp_path / "ensemble.json").write_text(json.dumps({"shared_encoder": True, "scales": ["medium"]}))
+    assert workflow.ensemble_slope(tmp_path) == 0.01
+    (tmp_path / "ensemble.json").write_text(json.dumps({"shared_encoder": True, "scales": ["medium"], "negative_slope": 0.0}))
+    assert workflow.ensemble_slope(tmp_path) == 0.0

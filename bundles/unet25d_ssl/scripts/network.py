@@ -6,13 +6,19 @@ paper's in-plane ``3x3x1`` kernels are ``(3, 3, 1)`` here and its ``1x2x2`` pool
 Exact configuration (reproduces the paper's Table 5 counts, 3,845,058 parameters for the full
 network and 895,122 for the decoder alone):
 
-* channels 16, 32, 64, 128, 256; every block = two (convolution with bias -> BatchNorm -> LeakyReLU);
+* channels 16, 32, 64, 128, 256; every block = two (convolution with bias -> BatchNorm -> ReLU);
 * encoder blocks 1-4 use in-plane ``(3, 3, 1)`` kernels, block 5 (bottleneck) ``(3, 3, 3)``;
 * max pooling ``(2, 2, 1)`` after blocks 1-3 and ``(2, 2, 2)`` into the bottleneck;
 * up-sampling: transposed convolution ``(2, 2, 2)`` out of the bottleneck, then three ``(2, 2, 1)``,
-  each followed by BatchNorm and LeakyReLU;
+  each followed by BatchNorm and ReLU;
 * decoder blocks take the concatenation with the skip (``2C -> C``), ``(3, 3, 1)`` kernels;
 * output layer: ``(3, 3, 1)`` convolution to 2 classes (logits).
+
+The activation is the paper's ReLU (section 2.1: "conv -> BN -> RELU"), written as
+``LeakyReLU(negative_slope)`` with ``negative_slope = 0`` (:data:`PAPER_SLOPE`, exactly ReLU);
+``negative_slope = 0.01`` gives the LeakyReLU of the authors' published code. The slope has no
+parameters, so it does not change any count, and a weights file does not record it: the training
+writes it into ``ensemble.json`` and inference reads it from there.
 
 The encoder (blocks 1-5 with the pooling) is the named submodule ``encoder``; the rest is
 ``decoder``. An input must have ``X`` and ``Y`` divisible by 16 and ``Z`` divisible by 2
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CHANNELS",
+    "PAPER_SLOPE",
     "DIVISOR",
     "UNet25DEncoder",
     "UNet25DDecoder",
@@ -43,6 +50,8 @@ CHANNELS = (16, 32, 64, 128, 256)
 # an input's spatial size must be a multiple of this (X, Y, Z)
 DIVISOR = (16, 16, 2)
 IN_PLANE = (3, 3, 1)
+#: negative slope of the activations: 0 is the paper's ReLU (0.01: the authors' code's LeakyReLU)
+PAPER_SLOPE = 0.0
 FULL_3D = (3, 3, 3)
 
 
@@ -51,18 +60,18 @@ def _pad(kernel: Sequence[int]) -> tuple[int, ...]:
 
 
 class ConvBlock(nn.Sequential):
-    """Two ``conv (bias) -> BatchNorm -> LeakyReLU`` units.
+    """Two ``conv (bias) -> BatchNorm -> (Leaky)ReLU`` units.
 
     Args:
         in_channels: input channels ``C_in``.
         out_channels: output channels ``C``.
         kernel: 3D kernel size, e.g. ``(3, 3, 1)``.
-        negative_slope: LeakyReLU slope.
+        negative_slope: activation slope for negative inputs (0: ReLU, the paper's; 0.01: the authors' code).
 
     Shapes: ``(B, C_in, X, Y, Z) -> (B, C, X, Y, Z)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int], negative_slope: float = 0.01):
+    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int], negative_slope: float = PAPER_SLOPE):
         pad = _pad(kernel)
         super().__init__(
             nn.Conv3d(in_channels, out_channels, tuple(kernel), padding=pad, bias=True),
@@ -75,12 +84,12 @@ class ConvBlock(nn.Sequential):
 
 
 class UpBlock(nn.Sequential):
-    """Transposed convolution (kernel = stride) -> BatchNorm -> LeakyReLU.
+    """Transposed convolution (kernel = stride) -> BatchNorm -> (Leaky)ReLU.
 
     Shapes: ``(B, C_in, X, Y, Z) -> (B, C_out, X*sx, Y*sy, Z*sz)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, scale: Sequence[int], negative_slope: float = 0.01):
+    def __init__(self, in_channels: int, out_channels: int, scale: Sequence[int], negative_slope: float = PAPER_SLOPE):
         super().__init__(
             nn.ConvTranspose3d(in_channels, out_channels, tuple(scale), stride=tuple(scale), bias=True),
             nn.BatchNorm3d(out_channels),
@@ -94,14 +103,14 @@ class UNet25DEncoder(nn.Module):
     Args:
         in_channels: image channels (1 for CT).
         channels: five feature widths.
-        negative_slope: LeakyReLU slope.
+        negative_slope: activation slope for negative inputs (0: ReLU, the paper's; 0.01: the authors' code).
 
     ``forward(x)`` with ``x`` of shape ``(B, in_channels, X, Y, Z)`` returns the list of five feature
     maps ``[f1 (B,16,X,Y,Z), f2 (B,32,X/2,Y/2,Z), f3 (B,64,X/4,Y/4,Z), f4 (B,128,X/8,Y/8,Z),
     f5 (B,256,X/16,Y/16,Z/2)]``; ``f5`` is the bottleneck, ``f1..f4`` are the skips.
     """
 
-    def __init__(self, in_channels: int = 1, channels: Sequence[int] = CHANNELS, negative_slope: float = 0.01):
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = CHANNELS, negative_slope: float = PAPER_SLOPE):
         super().__init__()
         if len(channels) != 5:
             raise ValueError(f"channels must list 5 widths, got {list(channels)}")
@@ -131,7 +140,7 @@ class UNet25DDecoder(nn.Module):
     ``(B, out_channels, X, Y, Z)``.
     """
 
-    def __init__(self, out_channels: int = 2, channels: Sequence[int] = CHANNELS, negative_slope: float = 0.01):
+    def __init__(self, out_channels: int = 2, channels: Sequence[int] = CHANNELS, negative_slope: float = PAPER_SLOPE):
         super().__init__()
         c = list(channels)
         self.up4 = UpBlock(c[4], c[3], (2, 2, 2), negative_slope)
@@ -170,7 +179,7 @@ class UNet25D(nn.Module):
         in_channels: image channels.
         out_channels: classes (2: background, GTV).
         channels: five feature widths.
-        negative_slope: LeakyReLU slope.
+        negative_slope: activation slope for negative inputs (0: ReLU, the paper's; 0.01: the authors' code).
 
     ``forward(x)``: ``(B, in_channels, X, Y, Z) -> (B, out_channels, X, Y, Z)`` logits, with
     ``X, Y`` divisible by 16 and ``Z`` by 2.
@@ -179,7 +188,7 @@ class UNet25D(nn.Module):
     network is put in training mode, so its BatchNorm running statistics do not drift either.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 2, channels: Sequence[int] = CHANNELS, negative_slope: float = 0.01):
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, channels: Sequence[int] = CHANNELS, negative_slope: float = PAPER_SLOPE):
         super().__init__()
         self.encoder = UNet25DEncoder(in_channels, channels, negative_slope)
         self.decoder = UNet25DDecoder(out_channels, channels, negative_slope)
@@ -270,8 +279,8 @@ class UNet25DEnsemble(nn.Module):
         num_members: number of models (5 scales).
         shared_encoder: one encoder for all members.
         return_spread: append the uncertainty channel.
-        in_channels, out_channels, channels: as :class:`UNet25D` (``out_channels`` must be 2 when
-            ``return_spread``).
+        in_channels, out_channels, channels, negative_slope: as :class:`UNet25D` (``out_channels``
+            must be 2 when ``return_spread``).
     """
 
     def __init__(
@@ -282,28 +291,29 @@ class UNet25DEnsemble(nn.Module):
         in_channels: int = 1,
         out_channels: int = 2,
         channels: Sequence[int] = CHANNELS,
+        negative_slope: float = PAPER_SLOPE,
     ):
         super().__init__()
         if return_spread and out_channels != 2:
             raise ValueError("return_spread needs out_channels == 2 (foreground = channel 1)")
         self.return_spread = bool(return_spread)
-        self._dims = (int(in_channels), int(out_channels), tuple(channels))
+        self._dims = (int(in_channels), int(out_channels), tuple(channels), float(negative_slope))
         self._build(int(num_members), bool(shared_encoder))
 
     def _build(self, num_members: int, shared_encoder: bool) -> None:
         if num_members < 1:
             raise ValueError(f"num_members must be >= 1, got {num_members}")
-        in_channels, out_channels, channels = self._dims
+        in_channels, out_channels, channels, slope = self._dims
         self.num_members = num_members
         self.shared_encoder = shared_encoder
         if shared_encoder:
-            self.encoder = UNet25DEncoder(in_channels, channels)
-            self.decoders = nn.ModuleList([UNet25DDecoder(out_channels, channels) for _ in range(num_members)])
+            self.encoder = UNet25DEncoder(in_channels, channels, slope)
+            self.decoders = nn.ModuleList([UNet25DDecoder(out_channels, channels, slope) for _ in range(num_members)])
             self.members = nn.ModuleList()
         else:
             self.encoder = None
             self.decoders = nn.ModuleList()
-            self.members = nn.ModuleList([UNet25D(in_channels, out_channels, channels) for _ in range(num_members)])
+            self.members = nn.ModuleList([UNet25D(in_channels, out_channels, channels, slope) for _ in range(num_members)])
 
     @staticmethod
     def layout_of(state_dict) -> tuple[bool, int]:
@@ -386,9 +396,10 @@ class PretextNet(nn.Module):
     returns ``(rot_logits (B, 10), rpl_logits (B, 26))``.
     """
 
-    def __init__(self, encoder: UNet25DEncoder | None = None, hidden: int = 256, num_rotations: int = 10, num_locations: int = 26, dropout: float = 0.0):
+    def __init__(self, encoder: UNet25DEncoder | None = None, hidden: int = 256, num_rotations: int = 10, num_locations: int = 26, dropout: float = 0.0,
+                 negative_slope: float = PAPER_SLOPE):
         super().__init__()
-        self.encoder = encoder if encoder is not None else UNet25DEncoder()
+        self.encoder = encoder if encoder is not None else UNet25DEncoder(negative_slope=negative_slope)
         width = self.encoder.out_channels
         self.rot_head = nn.Sequential(nn.Linear(width, hidden), nn.LeakyReLU(0.01, inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_rotations))
         self.rpl_head = nn.Sequential(nn.Linear(2 * width, hidden), nn.LeakyReLU(0.01, inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_locations))

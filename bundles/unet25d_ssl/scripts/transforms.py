@@ -1,4 +1,4 @@
-"""Multi-scale GTV crops and the random in-plane transposition of the UNet-2.5D bundle.
+"""Multi-scale GTV crops and the random axis transposition of the UNet-2.5D bundle.
 
 Multi-scale data (paper section 2.2): five crop scales around the GTV. Along ``Z`` (slices) the
 crop keeps 90 % of the volume for the extra-large scale and 10 % less for every smaller scale
@@ -23,11 +23,18 @@ __all__ = [
     "scale_crop_size",
     "RandScaleCrop",
     "RandScaleCropd",
-    "RandTransposeInPlane",
-    "RandTransposeInPlaned",
+    "RandScaleCropSamplesd",
+    "SCALE_INPUTS",
+    "scale_input_mode",
+    "RandTransposeAxes",
+    "RandTransposeAxesd",
     "EnsembleOutput",
     "EnsembleOutputd",
 ]
+
+#: what a scale model is fed: ``crop`` (the scale crop itself, padded to the network's divisor; the
+#: paper's text) or ``patch`` (fixed-size random patches from inside the scale crop; memory-bound)
+SCALE_INPUTS = ("crop", "patch")
 
 # largest first; index i shrinks z by 10 % and x/y by 15 % per step
 SCALES = ("extra_large", "large", "medium", "small", "extra_small")
@@ -64,6 +71,14 @@ def scale_crop_size(shape: Sequence[int], scale: str | int) -> tuple[int, int, i
     if len(shape) != 3:
         raise ValueError(f"shape must be (X, Y, Z), got {tuple(shape)}")
     return tuple(max(1, int(round(f * s))) for f, s in zip(scale_fractions(scale), shape))
+
+
+def scale_input_mode(value: str) -> str:
+    """Check ``scale_input`` (one of :data:`SCALE_INPUTS`) and return it in lower case."""
+    mode = str(value).strip().lower()
+    if mode not in SCALE_INPUTS:
+        raise ValueError(f"scale_input must be one of {SCALE_INPUTS}, got {value!r}")
+    return mode
 
 
 def _crop_starts(shape, size, box_lo, box_hi, rng: np.random.RandomState) -> list[int]:
@@ -145,37 +160,97 @@ class RandScaleCropd(Randomizable, MapTransform):
         return d
 
 
-class RandTransposeInPlane(Randomizable, Transform):
-    """With probability ``prob`` swap the two in-plane axes (``X <-> Y``) of ``(C, X, Y, Z)``.
+class RandScaleCropSamplesd(RandScaleCropd):
+    """``num_samples`` random scale crops of one volume, each the network input itself
+    (``scale_input: crop``, the paper's section 2.2: the scale crop is what the model is fed).
 
-    Training augmentation only (the paper's "transposing"); ``Z`` is never swapped because its
-    spacing (3 mm) differs from the in-plane 1 mm.
+    Every crop keeps the GTV inside (as :class:`RandScaleCropd`) at its own random position; the
+    crops of one volume have one size (the scale's fractions of that volume), so they stack into a
+    batch. Returns a list of ``num_samples`` dictionaries.
+
+    Args:
+        keys, label_key, scale: as :class:`RandScaleCropd`.
+        num_samples: crops per volume.
     """
 
-    def __init__(self, prob: float = 0.5):
+    def __init__(self, keys: KeysCollection, label_key: str = "label", scale: str | int = "medium", num_samples: int = 1,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, label_key, scale, allow_missing_keys)
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples = int(num_samples)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> list[dict]:
+        return [super(RandScaleCropSamplesd, self).__call__(data) for _ in range(self.num_samples)]
+
+
+class RandTransposeAxes(Randomizable, Transform):
+    """With probability ``prob`` permute spatial axes of ``(C, X, Y, Z)`` (the paper's "transposing
+    ... across the x, y, z dimension").
+
+    A random non-identity permutation of the spatial ``axes`` is drawn among those that keep the
+    array's shape (``keep_shape``), so that the patches of one batch still stack: with the default
+    anisotropic patch ``128 x 128 x 16`` only ``X <-> Y`` qualifies, with a cubic patch every one of
+    the five non-identity permutations of ``X, Y, Z`` does (each equally likely). On a grid whose
+    spacing differs between the permuted axes (1 x 1 x 3 mm) a permutation with ``Z`` also rescales
+    the anatomy, as transposing any voxel array does. Training augmentation only.
+
+    Args:
+        axes: spatial axes (0 = X, 1 = Y, 2 = Z) that may be permuted, at least two.
+        prob: probability of permuting.
+        keep_shape: only permutations that keep the shape (``False``: any permutation of ``axes``).
+    """
+
+    def __init__(self, axes: Sequence[int] = (0, 1, 2), prob: float = 0.5, keep_shape: bool = True):
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must be in [0, 1], got {prob}")
-        self.prob = prob
-        self._do = False
+        axes = tuple(int(a) for a in axes)
+        if len(axes) < 2 or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
+            raise ValueError(f"axes must be two or three distinct spatial axes of 0, 1, 2; got {axes}")
+        self.axes, self.prob, self.keep_shape = axes, float(prob), bool(keep_shape)
+        self._do, self._u = False, 0.0
 
     def randomize(self, data=None) -> None:
         self._do = self.R.rand() < self.prob
+        self._u = self.R.rand()
+
+    def permutation(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The spatial permutation (of ``0, 1, 2``) of the last :meth:`randomize` for spatial ``shape``
+        (output axis ``i`` is input axis ``perm[i]``; the identity when nothing is permuted)."""
+        import itertools
+
+        shape = tuple(shape)
+        choices = []
+        for perm in itertools.permutations(self.axes):
+            full = list(range(3))
+            for a, b in zip(self.axes, perm):
+                full[a] = b
+            full = tuple(full)
+            if full != (0, 1, 2) and (not self.keep_shape or tuple(shape[i] for i in full) == shape):
+                choices.append(full)
+        if not self._do or not choices:
+            return (0, 1, 2)
+        return choices[min(int(self._u * len(choices)), len(choices) - 1)]
 
     def __call__(self, img, randomize: bool = True):
         if randomize:
             self.randomize()
-        if not self._do:
+        perm = self.permutation(img.shape[1:])
+        if perm == (0, 1, 2):
             return img
-        out = img.transpose(1, 2) if isinstance(img, torch.Tensor) else np.swapaxes(img, 1, 2)
-        return out.contiguous() if isinstance(out, torch.Tensor) else np.ascontiguousarray(out)
+        dims = (0,) + tuple(p + 1 for p in perm)
+        if isinstance(img, torch.Tensor):
+            return img.permute(*dims).contiguous()
+        return np.ascontiguousarray(np.transpose(img, dims))
 
 
-class RandTransposeInPlaned(Randomizable, MapTransform):
-    """Dictionary wrapper of :class:`RandTransposeInPlane` (same decision for every key)."""
+class RandTransposeAxesd(Randomizable, MapTransform):
+    """Dictionary wrapper of :class:`RandTransposeAxes` (one decision for every key)."""
 
-    def __init__(self, keys: KeysCollection, prob: float = 0.5, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, axes: Sequence[int] = (0, 1, 2), prob: float = 0.5, keep_shape: bool = True,
+                 allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.transposer = RandTransposeInPlane(prob)
+        self.transposer = RandTransposeAxes(axes, prob, keep_shape)
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)

@@ -24,6 +24,7 @@ import torch
 
 from shared_transforms.io import InputError, atomic_write
 
+from .network import PAPER_SLOPE
 from .transforms import SCALES, scale_index
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "scale_dir",
     "assemble_ensemble",
     "ensemble_layout",
+    "ensemble_slope",
     "train_all_scales",
     "running_config",
     "resolve_freeze",
@@ -84,7 +86,8 @@ def _load(path) -> dict:
     return dict(load_weights(path))
 
 
-def assemble_ensemble(ckpt_dir, scales: Sequence = SCALES, shared_encoder: bool = True, encoder_path=None, out_name: str = "model.pt") -> Path:
+def assemble_ensemble(ckpt_dir, scales: Sequence = SCALES, shared_encoder: bool = True, encoder_path=None, out_name: str = "model.pt",
+                      negative_slope: float = PAPER_SLOPE) -> Path:
     """Write the ensemble's weights ``ckpt_dir/<out_name>`` from the per-scale ``model.pt`` files.
 
     Args:
@@ -93,9 +96,11 @@ def assemble_ensemble(ckpt_dir, scales: Sequence = SCALES, shared_encoder: bool 
         shared_encoder: True: members are decoders (or full networks whose ``decoder.*`` part is
             taken) sharing the encoder in ``encoder_path``; False: members are full networks.
         encoder_path: the pretrained (frozen) encoder file (``encoder.pt`` of ``pretrain.yaml``).
+        negative_slope: the activation the members were trained with (recorded for inference).
 
     Returns:
-        the written path. ``ckpt_dir/ensemble.json`` records ``{"shared_encoder", "scales"}``.
+        the written path. ``ckpt_dir/ensemble.json`` records ``{"shared_encoder", "scales",
+        "negative_slope"}``.
 
     Raises:
         InputError: a missing member file or encoder file (named).
@@ -116,7 +121,7 @@ def assemble_ensemble(ckpt_dir, scales: Sequence = SCALES, shared_encoder: bool 
     with atomic_write(out) as tmp:
         torch.save({k: v.detach().cpu() for k, v in ens.state_dict().items()}, tmp)
     with atomic_write(ckpt_dir / "ensemble.json") as tmp:
-        tmp.write_text(json.dumps({"shared_encoder": bool(shared_encoder), "scales": names}, indent=2))
+        tmp.write_text(json.dumps({"shared_encoder": bool(shared_encoder), "scales": names, "negative_slope": float(negative_slope)}, indent=2))
     print(f"ensemble of {len(names)} scale models ({'one shared encoder' if shared_encoder else 'independent encoders'}) written to {out}", flush=True)
     return out
 
@@ -130,6 +135,21 @@ def ensemble_layout(ckpt_dir, key: str = "shared_encoder", default=True):
         return json.loads(p.read_text()).get(key, default)
     except json.JSONDecodeError as exc:
         raise InputError(p, f"is not valid JSON ({exc})") from exc
+
+
+#: the activation of ensembles assembled before ``ensemble.json`` recorded it (bundle < 0.4.0)
+LEGACY_SLOPE = 0.01
+
+
+def ensemble_slope(ckpt_dir) -> float:
+    """The activation slope the ensemble in ``ckpt_dir`` was trained with (for inference).
+
+    ``ensemble.json``'s ``negative_slope``; an ``ensemble.json`` without it was written by a bundle
+    before 0.4.0, whose networks used LeakyReLU 0.01; without ``ensemble.json``, the paper's ReLU.
+    """
+    if not (Path(ckpt_dir) / "ensemble.json").is_file():
+        return PAPER_SLOPE
+    return float(ensemble_layout(ckpt_dir, "negative_slope", LEGACY_SLOPE))
 
 
 def resolve_freeze(freeze_encoder, pretrained_encoder) -> bool:
@@ -183,7 +203,8 @@ def running_config() -> dict:
     raise RuntimeError("train_all_scales must be called from a running bundle config (python -m monai.bundle run ...)")
 
 
-def train_all_scales(scales: Sequence = SCALES, model_dir=None, shared_encoder: bool = True, encoder_path=None, train_id: str = "train_one", config: dict | None = None) -> Path:
+def train_all_scales(scales: Sequence = SCALES, model_dir=None, shared_encoder: bool = True, encoder_path=None, train_id: str = "train_one", config: dict | None = None,
+                     negative_slope: float = PAPER_SLOPE) -> Path:
     """Train the scale models one after the other (in this process), then assemble the ensemble.
 
     Called from ``train.yaml`` (``run`` / ``train_all``). For each scale a fresh parser of the
@@ -198,6 +219,7 @@ def train_all_scales(scales: Sequence = SCALES, model_dir=None, shared_encoder: 
         encoder_path: pretrained encoder file for ``shared_encoder``.
         train_id: id of the single-scale training workflow.
         config: raw config to use (default: :func:`running_config`).
+        negative_slope: the members' activation (recorded in ``ensemble.json``).
     """
     import copy
     import gc
@@ -218,7 +240,7 @@ def train_all_scales(scales: Sequence = SCALES, model_dir=None, shared_encoder: 
         del parser
         gc.collect()
         print(f"=== scale {name} done in {time.time() - t0:.1f} s ===", flush=True)
-    return assemble_ensemble(model_dir, scales, shared_encoder, encoder_path)
+    return assemble_ensemble(model_dir, scales, shared_encoder, encoder_path, negative_slope=negative_slope)
 
 
 def fuse_batchnorm_(module: torch.nn.Module) -> torch.nn.Module:
