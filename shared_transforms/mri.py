@@ -24,12 +24,13 @@ from collections.abc import Hashable, Mapping, Sequence
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, SpatialResample, Transform
+from monai.transforms import EnsureChannelFirstd, MapTransform, SpatialResample, Transform
 
+from shared_transforms.checks import SafeLoadImaged
 from shared_transforms.intensity import ChannelNormalize
 from shared_transforms.io import InputError
 
-__all__ = ["StackSequences", "StackSequencesd", "DEFAULT_SEQUENCES"]
+__all__ = ["StackSequences", "StackSequencesd", "LoadVolumed", "input_modality", "INPUT_MODALITIES", "DEFAULT_SEQUENCES"]
 
 DEFAULT_SEQUENCES = ("t1", "t2", "cet1")
 
@@ -181,3 +182,57 @@ class StackSequencesd(MapTransform):
             d[self.output_key] = self.stacker([d[k] for k in keys])
         return d
 
+
+
+#: input modalities of the bundles' ``modality`` setting
+INPUT_MODALITIES = ("ct", "mri")
+
+
+def input_modality(value: str) -> str:
+    """Check a bundle's ``modality`` setting (one of :data:`INPUT_MODALITIES`), lower case."""
+    mode = str(value).strip().lower()
+    if mode not in INPUT_MODALITIES:
+        raise ValueError(f"modality must be one of {INPUT_MODALITIES}, got {value!r}")
+    return mode
+
+
+class LoadVolumed(MapTransform):
+    """Load a case channel-first, CT or multi-sequence MRI: the one loading step the bundles share.
+
+    * ``modality="ct"``: every key is one file (NIfTI) or a DICOM CT folder
+      (:class:`~shared_transforms.checks.SafeLoadImaged` + ``EnsureChannelFirstd``): ``(1, X, Y, Z)``.
+    * ``modality="mri"``: ``image_key`` holds the list of sequences (``[t1, t2, cet1]``, as the
+      NPC MRI data set's ``dataset.json`` lists them), stacked by :class:`StackSequences` on the
+      reference sequence's grid with per-channel normalisation: ``(C, X, Y, Z)``; the other keys
+      (the mask, delineated on the reference sequence) are loaded as in CT.
+
+    Args:
+        keys: keys to load (the image and, for training / evaluation, the label).
+        image_key: the image key.
+        modality: ``"ct"`` or ``"mri"``.
+        reference, normalize: of :class:`StackSequences` (MRI only; default CE-T1, z-score per channel).
+
+    Raises:
+        InputError: a file that cannot be read (named); for MRI an image that is not a list of sequences.
+    """
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", modality: str = "ct", reference: int = -1,
+                 normalize=("zscore",), allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.modality = input_modality(modality)
+        file_keys = list(self.keys) if self.modality == "ct" else [k for k in self.keys if k != image_key]
+        self.loader = SafeLoadImaged(file_keys, image_only=True, allow_missing_keys=allow_missing_keys) if file_keys else None
+        self.channel_first = EnsureChannelFirstd(file_keys, allow_missing_keys=allow_missing_keys) if file_keys else None
+        self.stacker = StackSequences(reference, normalize) if self.modality == "mri" else None
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if self.stacker is not None and self.image_key in d:
+            seqs = d[self.image_key]
+            if isinstance(seqs, (str, os.PathLike)) or not isinstance(seqs, (list, tuple)):
+                raise InputError(seqs, "modality mri needs the image as a list of sequences (T1, T2, CE-T1), got one path")
+            d[self.image_key] = self.stacker(list(seqs))
+        if self.loader is not None:
+            d = self.channel_first(self.loader(d))
+        return d

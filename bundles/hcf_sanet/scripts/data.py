@@ -2,7 +2,8 @@
 
 Pre-processing (paper section 4.2), applied to each 3D volume by :func:`volume_transforms`:
 
-1. ``LoadImaged`` + ``EnsureChannelFirstd``;
+1. ``LoadImaged`` + ``EnsureChannelFirstd`` (``shared_transforms.mri.LoadVolumed``; for MRI it stacks
+   T1, T2 and CE-T1 on the CE-T1 grid, each channel z-scored, and steps 3 and 4 are left out);
 2. ``Orientationd("RAS")``: the third array axis becomes the cranio-caudal axis whatever the file's
    orientation (read from the affine), so axial slices are ``[..., z]`` and the second in-plane
    axis is anterior-posterior (the image's vertical axis);
@@ -30,7 +31,6 @@ import torch
 from monai.data import Dataset
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
     Orientationd,
     Rand2DElasticd,
@@ -42,9 +42,10 @@ from monai.transforms import (
     Resized,
 )
 
-from shared_transforms.checks import CheckImaged, SafeLoadImaged
+from shared_transforms.checks import CheckImaged
 from shared_transforms.intensity import CTNormalized, HUWindowd
 from shared_transforms.io import InputError
+from shared_transforms.mri import LoadVolumed, input_modality
 from shared_transforms.spatial import BodyCropd
 
 __all__ = ["volume_transforms", "volumes_to_slices", "SliceDataset", "augmentation", "split_fold", "slice_has_gtv"]
@@ -60,6 +61,7 @@ def volume_transforms(
     body_erosion: int = 2,
     load: bool = True,
     fingerprint=None,
+    modality: str = "ct",
 ) -> Compose:
     """3D pre-processing of the HCF paper (see the module docstring).
 
@@ -74,6 +76,10 @@ def volume_transforms(
             channel-first MetaTensors).
         fingerprint: None (the HU window) or an intensity fingerprint (dict or JSON path): nnU-Net's
             CT normalisation instead of the window (``shared_transforms.intensity.CTNormalized``).
+        modality: ``"ct"`` or ``"mri"``: the image is the list of sequences (T1, T2, CE-T1), stacked
+            on the CE-T1 grid with each channel z-scored (``shared_transforms.mri.LoadVolumed``); the
+            HU-threshold body crop and the HU window (CT steps) are left out, the full field of view
+            is resized.
 
     Returns:
         a ``Compose`` mapping ``{"image": path, ...}`` to ``(1, resize, resize, Z')`` tensors.
@@ -85,19 +91,24 @@ def volume_transforms(
         raise ValueError(f"resize must be a positive multiple of 16 (SANet's output stride), got {resize}")
     if len(hu_window) != 2 or not hu_window[1] > hu_window[0]:
         raise ValueError(f"hu_window must be (a_min, a_max) with a_max > a_min, got {hu_window}")
+    modality = input_modality(modality)
+    if modality == "mri" and fingerprint is not None:
+        raise ValueError("nnU-Net's CT normalisation (a fingerprint) is for CT; MRI channels are z-scored")
     modes = ["bilinear" if k == "image" else "nearest-exact" for k in keys]
     steps = []
     if load:
         steps += [
-            SafeLoadImaged(keys=keys, image_only=True),
-            EnsureChannelFirstd(keys=keys),
-            CheckImaged(image_keys="image", label_keys=[k for k in keys if k != "image"] or None),
+            LoadVolumed(keys=keys, modality=modality),
+            CheckImaged(image_keys="image", label_keys=[k for k in keys if k != "image"] or None, channels=None if modality == "mri" else 1),
+        ]
+    steps.append(Orientationd(keys=keys, axcodes="RAS"))
+    if modality == "ct":
+        steps += [
+            BodyCropd(keys=keys, source_key="image", threshold=body_threshold, erosion_iterations=body_erosion),
+            HUWindowd(keys="image", a_min=float(hu_window[0]), a_max=float(hu_window[1])) if fingerprint is None
+            else CTNormalized(keys="image", fingerprint=fingerprint),
         ]
     steps += [
-        Orientationd(keys=keys, axcodes="RAS"),
-        BodyCropd(keys=keys, source_key="image", threshold=body_threshold, erosion_iterations=body_erosion),
-        HUWindowd(keys="image", a_min=float(hu_window[0]), a_max=float(hu_window[1])) if fingerprint is None
-        else CTNormalized(keys="image", fingerprint=fingerprint),
         Resized(keys=keys, spatial_size=(int(resize), int(resize), -1), mode=modes, anti_aliasing=False),
         EnsureTyped(keys=keys, dtype=[torch.float32] + [torch.uint8] * (len(keys) - 1), track_meta=True),
     ]

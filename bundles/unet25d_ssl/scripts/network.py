@@ -397,9 +397,9 @@ class PretextNet(nn.Module):
     """
 
     def __init__(self, encoder: UNet25DEncoder | None = None, hidden: int = 256, num_rotations: int = 10, num_locations: int = 26, dropout: float = 0.0,
-                 negative_slope: float = PAPER_SLOPE):
+                 negative_slope: float = PAPER_SLOPE, in_channels: int = 1):
         super().__init__()
-        self.encoder = encoder if encoder is not None else UNet25DEncoder(negative_slope=negative_slope)
+        self.encoder = encoder if encoder is not None else UNet25DEncoder(in_channels, negative_slope=negative_slope)
         width = self.encoder.out_channels
         self.rot_head = nn.Sequential(nn.Linear(width, hidden), nn.LeakyReLU(0.01, inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_rotations))
         self.rpl_head = nn.Sequential(nn.Linear(2 * width, hidden), nn.LeakyReLU(0.01, inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_locations))

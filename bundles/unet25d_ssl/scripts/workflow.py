@@ -100,7 +100,7 @@ def assemble_ensemble(ckpt_dir, scales: Sequence = SCALES, shared_encoder: bool 
 
     Returns:
         the written path. ``ckpt_dir/ensemble.json`` records ``{"shared_encoder", "scales",
-        "negative_slope"}``.
+        "negative_slope", "in_channels"}`` (the input channels read from the weights).
 
     Raises:
         InputError: a missing member file or encoder file (named).
@@ -110,18 +110,20 @@ def assemble_ensemble(ckpt_dir, scales: Sequence = SCALES, shared_encoder: bool 
     ckpt_dir = Path(ckpt_dir)
     names = [SCALES[scale_index(s)] for s in scales]
     states = [_load(ckpt_dir / n / "model.pt") for n in names]
-    ens = UNet25DEnsemble(num_members=len(names), shared_encoder=bool(shared_encoder))
-    if shared_encoder:
-        if not encoder_path:
-            raise ValueError("a shared-encoder ensemble needs encoder_path (the pretrained encoder.pt)")
-        ens.load_members(states, _load(encoder_path))
-    else:
-        ens.load_members(states)
+    if shared_encoder and not encoder_path:
+        raise ValueError("a shared-encoder ensemble needs encoder_path (the pretrained encoder.pt)")
+    encoder = _load(encoder_path) if shared_encoder else None
+    # the first convolution's weights tell the input channels (1: CT, 3: stacked MRI)
+    first = encoder["block1.0.weight"] if shared_encoder else states[0]["encoder.block1.0.weight"]
+    in_channels = int(first.shape[1])
+    ens = UNet25DEnsemble(num_members=len(names), shared_encoder=bool(shared_encoder), in_channels=in_channels, negative_slope=negative_slope)
+    ens.load_members(states, encoder)
     out = ckpt_dir / out_name
     with atomic_write(out) as tmp:
         torch.save({k: v.detach().cpu() for k, v in ens.state_dict().items()}, tmp)
     with atomic_write(ckpt_dir / "ensemble.json") as tmp:
-        tmp.write_text(json.dumps({"shared_encoder": bool(shared_encoder), "scales": names, "negative_slope": float(negative_slope)}, indent=2))
+        tmp.write_text(json.dumps({"shared_encoder": bool(shared_encoder), "scales": names, "negative_slope": float(negative_slope),
+                                   "in_channels": in_channels}, indent=2))
     print(f"ensemble of {len(names)} scale models ({'one shared encoder' if shared_encoder else 'independent encoders'}) written to {out}", flush=True)
     return out
 
