@@ -15,12 +15,18 @@ evaluator (DSC, HD95).
   whole recipe (all steps, process start-up and evaluation included).
 * **Two recipes per bundle**: ``fast``, ``configs/demo.yaml`` as it is, and ``paper``, the same with
   the keys listed in demo.yaml's ``fast_recipe_keys`` reset to the values of the bundle's training
-  config (the papers' optimiser settings). A bundle whose demo.yaml changes no optimiser setting
+  config (the papers' settings: SATS's optimiser and foreground share, UNet-2.5D's scale-crop
+  inputs). A bundle whose demo.yaml changes none of the paper's training settings
   (``fast_recipe_keys`` empty or absent) has one recipe, reported as both.
 * **Baselines** come from ``bench/baselines.py`` (one run per seed with its checkpoints evaluated at
   each budget): ``--baselines DIR`` reads ``DIR/monai_unet/results.json`` and
   ``DIR/nnunet/results.json``; ``--run_monai_unet`` trains the MONAI UNet here when its rows are
   missing.
+
+* **MRI** (``--modality mri``): the same runs on the three-sequence MRI version of the demo set
+  (``generate_dataset(DIR, cases=10, seed=0, modality="mri", size="small")``), each bundle's
+  ``configs/mri.yaml`` merged after ``demo.yaml``; its rows are named ``<bundle> (mri)``. The
+  baselines take one CT and have no MRI rows.
 
 Outputs (``--out``): ``results.json`` (one row per method, recipe, seed and budget, written after each
 run, so a stopped benchmark keeps what it measured and a rerun skips it), ``learning.md`` (the table)
@@ -120,30 +126,33 @@ def run_bundles(args, rows: list[dict], results: Path) -> list[dict]:
     plan = []
     for name in args.bundles:
         bdir = bundles[name]
+        method = name + METHOD_SUFFIX[args.modality]
         for recipe in (r for r in recipes_of(bdir) if r in args.recipes):
             for seed in args.seeds:
-                plan += [(name, recipe, seed, b) for b in args.budgets]
+                plan += [(method, recipe, seed, b) for b in args.budgets]
             for seed in args.extra_seeds:
-                plan.append((name, recipe, seed, args.extra_seed_budget))
+                plan.append((method, recipe, seed, args.extra_seed_budget))
     log_path = args.out / "bench_learning.log"
     with open(log_path, "a") as log:
-        for name, recipe, seed, budget in plan:
-            if (name, recipe, seed, budget) in done:
+        for method, recipe, seed, budget in plan:
+            if (method, recipe, seed, budget) in done:
                 continue
+            name = method[: len(method) - len(METHOD_SUFFIX[args.modality])]
             bdir = bundles[name]
-            work = args.out / "runs" / f"{name}_{recipe}_seed{seed}_it{budget}"
+            work = args.out / "runs" / f"{name}{'_mri' if args.modality == 'mri' else ''}_{recipe}_seed{seed}_it{budget}"
             if work.exists():
                 import shutil
 
                 shutil.rmtree(work)
-            print(f"{name} {recipe} seed {seed}, {budget} iterations:", flush=True)
+            print(f"{method} {recipe} seed {seed}, {budget} iterations:", flush=True)
             t0 = time.time()
-            row = run_bundle_recipe(name, bdir, args.data, work, log, overrides={"seed": seed, **recipe_overrides(bdir, recipe)},
+            row = run_bundle_recipe(name, bdir, args.data, work, log, extra_configs=EXTRA_CONFIGS[args.modality],
+                                    overrides={"seed": seed, **recipe_overrides(bdir, recipe)},
                                     step_overrides=budget_overrides(bdir, budget), indent="  ")
             if row.get("status") != "ok":
                 print(f"  {row['status']}", flush=True)
                 continue
-            out = {"method": name, "recipe": recipe, "seed": seed, "iterations": budget, "wall_s": round(time.time() - t0, 1),
+            out = {"method": method, "recipe": recipe, "modality": args.modality, "seed": seed, "iterations": budget, "wall_s": round(time.time() - t0, 1),
                    "step_seconds": {k: round(v, 1) for k, v in row["step_seconds"].items()},
                    "dsc_mean": row["dsc"], "dsc_per_case": row["dsc_per_case"], "hd95_mean": row["hd95"],
                    "load_avg_1min": round(os.getloadavg()[0], 2), "eval_dir": row["report"]}
@@ -151,6 +160,11 @@ def run_bundles(args, rows: list[dict], results: Path) -> list[dict]:
             rows = [r for r in rows if _key(r) != _key(out)] + [out]
             write_rows(results, rows)
     return rows
+
+
+#: config files merged last into every step, and the suffix of the rows' method name, per modality
+EXTRA_CONFIGS = {"ct": (DEMO_CONFIG,), "mri": (DEMO_CONFIG, "mri.yaml")}
+METHOD_SUFFIX = {"ct": "", "mri": " (mri)"}
 
 
 def baseline_rows(args) -> list[dict]:
@@ -261,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", default=None, help="folder with monai_unet/ and nnunet/ results of bench/baselines.py")
     ap.add_argument("--run_monai_unet", action="store_true", help="train the MONAI UNet baseline where its rows are missing")
     ap.add_argument("--report_only", action="store_true", help="only rebuild learning.md and the plot from results.json")
+    ap.add_argument("--modality", choices=("ct", "mri"), default="ct",
+                    help="mri: the three-sequence MRI demo set (--data is generated as such when missing), configs/mri.yaml merged last")
     args = ap.parse_args(argv)
     args.bundles = [b for b in args.bundles.split(",") if b]
     args.budgets = [int(b) for b in args.budgets.split(",") if b]
@@ -270,9 +286,14 @@ def main(argv=None) -> int:
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.extra_seeds = [int(s) for s in args.extra_seeds.split(",") if s]
     args.out.mkdir(parents=True, exist_ok=True)
-    from baselines import load_split
+    from baselines import DEMO_SET, load_split
 
-    load_split(args.data)  # generates the demo set into a missing or empty folder, checks it otherwise
+    if args.modality == "mri":
+        from npc_gtv.phantoms import ensure_dataset
+
+        ensure_dataset(args.data, **{**DEMO_SET, "modality": "mri"})  # the MRI demo set into a missing or empty folder
+    else:
+        load_split(args.data)  # generates the demo set into a missing or empty folder, checks it otherwise
     args.data = args.data.resolve()
     results = args.out / "results.json"
     rows = read_rows(results)

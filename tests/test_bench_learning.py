@@ -28,9 +28,11 @@ def bench():
 
 def test_recipes_and_papers_optimiser(bench):
     sats, unet, hcf = (BUNDLES_DIR / b for b in ("sats_npc", "unet25d_ssl", "hcf_sanet"))
-    assert bench.recipes_of(sats) == ["fast", "paper"]
-    assert bench.recipes_of(unet) == bench.recipes_of(hcf) == ["fast"]  # their demo.yaml changes no optimiser setting
+    assert bench.recipes_of(sats) == bench.recipes_of(unet) == ["fast", "paper"]
+    assert bench.recipes_of(hcf) == ["fast"]  # its demo.yaml changes no setting of the paper's recipe
     assert bench.recipe_overrides(sats, "fast") == {}
+    # UNet-2.5D's paper recipe: the scale crops themselves are the inputs (demo.yaml: patches)
+    assert bench.recipe_overrides(unet, "paper") == {"scale_input": "crop"}
     # the papers' recipe: SGD (momentum 0.99) at lr 1e-2, nnU-Net's third of foreground patches
     assert bench.recipe_overrides(sats, "paper") == {"optimizer_name": "sgd", "stage1_learning_rate": 0.01, "pos_fraction": 0.33}
     with pytest.raises(ValueError, match="recipe"):
