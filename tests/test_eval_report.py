@@ -391,3 +391,40 @@ def test_cli_states_the_hd95_definition(folders):
     assert "HD95 definition: deepmind (larger of the two directed 95th percentiles" in proc.stdout
     assert "- hd95 definition: `deepmind`" in (folders / "dm" / "summary.md").read_text()
     assert json.loads((folders / "dm" / "summary.json").read_text())["info"]["hd95_definition"] == "deepmind"
+
+
+def test_summary_by_case_attribute_hand_computed(tmp_path):
+    """A dataset.json's case_info (the phantoms record crosses_midline) splits the summary: here two
+    mid-line cases with DSC 1 and 2/3 and one lateral case with DSC 0.5 (hand-computed)."""
+    ds = tmp_path / "ds"
+    (ds / "labelsTs").mkdir(parents=True)
+    (ds / "imagesTs").mkdir()
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    truth = _cube((4, 4, 2), (8, 8, 6))  # 64 voxels
+    half = _cube((4, 4, 2), (8, 8, 4))  # 32 of them: DSC 2*32/(64+32) = 2/3
+    shifted = np.roll(truth, 2, axis=0)  # overlap 32 of 64 -> DSC 0.5
+    cases = {"m1": truth, "m2": half, "l1": shifted}
+    for c, p in cases.items():
+        save_nifti(truth, AFF, ds / "labelsTs" / f"{c}.nii.gz")
+        save_nifti(np.full(SHAPE, 40, np.int16), AFF, ds / "imagesTs" / f"{c}.nii.gz")
+        save_nifti(p, AFF, pred / f"{c}_seg.nii.gz")
+    (ds / "dataset.json").write_text(json.dumps({
+        "test": [{"case_id": c, "image": f"imagesTs/{c}.nii.gz", "label": f"labelsTs/{c}.nii.gz"} for c in cases],
+        "case_info": {"m1": {"crosses_midline": True, "tumour_side": "left"}, "m2": {"crosses_midline": True},
+                      "l1": {"crosses_midline": False, "tumour_side": "right"}},
+    }))
+    s = evaluate_folders(pred, ds / "dataset.json", tmp_path / "out", figures=False, progress=False,
+                         group_by=("crosses_midline", "tumour_side", "t_stage"))
+    mid = s["groups"]["crosses_midline"]
+    assert mid["True"]["n_cases"] == 2 and mid["True"]["metrics"]["dsc"]["mean"] == pytest.approx((1 + 2 / 3) / 2)
+    assert mid["False"]["n_cases"] == 1 and mid["False"]["metrics"]["dsc"]["mean"] == pytest.approx(0.5)
+    assert set(s["groups"]["tumour_side"]) == {"left", "right", "unknown"}  # m2 has no side
+    assert "t_stage" not in s["groups"]  # no case has it
+    assert s["metrics"]["dsc"]["mean"] == pytest.approx((1 + 2 / 3 + 0.5) / 3)
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "By `crosses_midline`:" in md and "| True | 2 | 0.8333" in md
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["groups"]["crosses_midline"]["False"]["n_cases"] == 1
+    # a folder of masks as truth has no case_info: no groups
+    s2 = evaluate_folders(pred, ds / "labelsTs", tmp_path / "out2", figures=False, progress=False)
+    assert "groups" not in s2

@@ -74,6 +74,8 @@ __all__ = [
     "match_cases",
     "load_truth_cases",
     "summarize",
+    "group_summaries",
+    "DEFAULT_GROUP_BY",
     "write_report",
     "evaluate_pairs",
     "evaluate_folders",
@@ -350,6 +352,37 @@ def summarize(records: Sequence[Mapping], metrics: Sequence[str] = METRICS) -> d
     return summary
 
 
+#: case attributes reported separately when a dataset.json's ``case_info`` has them (the SATS
+#: papers' failure mode: tumours that cross the mid-line)
+DEFAULT_GROUP_BY: tuple[str, ...] = ("crosses_midline",)
+
+
+def group_summaries(records: Sequence[Mapping], case_info: Mapping[str, Mapping], group_by: Sequence[str] = DEFAULT_GROUP_BY,
+                    metrics: Sequence[str] = METRICS) -> dict:
+    """:func:`summarize` per value of each case attribute in ``group_by``.
+
+    Args:
+        records: the evaluated cases (``case_id`` and the metrics).
+        case_info: case id -> attributes (a ``dataset.json``'s ``case_info``, e.g. the phantoms'
+            ``crosses_midline``, ``tumour_side``; a real data set may list T stage, centre, ...).
+        group_by: attributes to group by; one missing for every evaluated case is left out, a case
+            without it counts under ``"unknown"``.
+
+    Returns:
+        ``{attribute: {value (as text): summary}}``, e.g. ``{"crosses_midline": {"True": ..., "False": ...}}``.
+    """
+    out: dict[str, dict] = {}
+    for key in group_by:
+        values = [case_info.get(str(r["case_id"]), {}).get(key) for r in records]
+        if all(v is None for v in values):
+            continue
+        groups: dict[str, list] = {}
+        for r, v in zip(records, values):
+            groups.setdefault("unknown" if v is None else str(v), []).append(r)
+        out[key] = {v: summarize(rs, metrics) for v, rs in sorted(groups.items())}
+    return out
+
+
 def _fmt(x, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -385,6 +418,12 @@ def _summary_markdown(summary: Mapping, title: str) -> str:
         lines += ["", f"Pooled over all axial slices of all cases: slice recall {_fmt(pooled['slice_recall'])} "
                   f"({pooled['slices_both']}/{pooled['slices_truth']}), slice precision {_fmt(pooled['slice_precision'])} "
                   f"({pooled['slices_both']}/{pooled['slices_pred']})."]
+    for key, groups in (summary.get("groups") or {}).items():
+        lines += ["", f"By `{key}`:", "", f"| {key} | cases | dsc mean ± std | hd95 (mm) mean ± std |", "|---|---|---|---|"]
+        for value, g in groups.items():
+            dsc, hd = g["metrics"].get("dsc", {}), g["metrics"].get("hd95", {})
+            lines.append(f"| {value} | {g['n_cases']} | {_fmt(dsc.get('mean'))} ± {_fmt(dsc.get('std'))} | "
+                         f"{_fmt(hd.get('mean'))} ± {_fmt(hd.get('std'))} |")
     lines += ["", "Definitions: docs/evaluation.md of the NPC GTV toolkit.", ""]
     return "\n".join(lines)
 
@@ -460,11 +499,13 @@ def _check_records(records, metrics) -> None:
             raise ValueError(f"case record {r.get('case_id', '?')!r} lacks {', '.join(missing)}")
 
 
-def _write_report_files(records, out: Path, *, metrics, title, info, figures, overlays, bar_plots, inputs) -> dict:
+def _write_report_files(records, out: Path, *, metrics, title, info, figures, overlays, bar_plots, inputs, groups=None) -> dict:
     out = Path(out)
     _check_records(records, metrics)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, metrics)
+    if groups:
+        summary["groups"] = groups
     summary["info"] = dict(info or {})
     summary["files"] = {"metrics_csv": "metrics.csv", "summary_md": "summary.md", "figures": "figures" if figures else None}
     extra = [c for c in ("empty_case", "penalty_mm", "slices_both", "slices_pred", "slices_truth", "pred", "truth", "rater_a",
@@ -640,6 +681,7 @@ def evaluate_folders(
     label: int | None = None,
     hd95: str = DEFAULT_HD95,
     overwrite: bool = False,
+    group_by: Sequence[str] = DEFAULT_GROUP_BY,
 ) -> dict:
     """Evaluate a folder of NIfTI predictions against ground truth and write the report.
 
@@ -662,6 +704,9 @@ def evaluate_folders(
         hd95: HD95 definition, one of :data:`~npc_gtv.evaluation.metrics.HD95_DEFINITIONS`
             (default ``max_directed``); recorded in the report.
         overwrite: replace an earlier report in ``out`` (default: refuse).
+        group_by: with a ``dataset.json`` whose ``case_info`` lists these case attributes, the
+            summary also holds the statistics per value (``summary["groups"]``, see
+            :func:`group_summaries`; default: ``crosses_midline``, which the phantoms record).
 
     Returns:
         the summary dict (as written to ``out/summary.json``).
@@ -704,8 +749,17 @@ def evaluate_folders(
             overlay_dir=(stage / "figures" / "overlays") if figures else None, inputs=protected, progress=progress,
             label=label, hd95=hd95,
         )
+        groups = group_summaries(records, _case_info(truth), group_by) if group_by else None
         return _write_report_files(records, stage, metrics=METRICS, title="Evaluation", info=info, figures=figures,
-                                   overlays=None, bar_plots=False, inputs=protected)
+                                   overlays=None, bar_plots=False, inputs=protected, groups=groups)
+
+
+def _case_info(truth: Path) -> dict:
+    """A ``dataset.json``'s ``case_info`` (case id -> attributes), or nothing for a folder / without one."""
+    if not truth.is_file() or truth.suffix.lower() != ".json":
+        return {}
+    info = json.loads(truth.read_text()).get("case_info")
+    return {str(k): v for k, v in info.items() if isinstance(v, Mapping)} if isinstance(info, Mapping) else {}
 
 
 def agreement_folders(rater_a, rater_b, out, *, figures: bool = True, progress: bool = True, all_metrics: bool = False,
