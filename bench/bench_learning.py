@@ -41,6 +41,7 @@ measured tables are in ``docs/learning.md``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -126,7 +127,7 @@ def run_bundles(args, rows: list[dict], results: Path) -> list[dict]:
     plan = []
     for name in args.bundles:
         bdir = bundles[name]
-        method = name + METHOD_SUFFIX[args.modality]
+        method = name + METHOD_SUFFIX[args.modality] + "".join(f" [{k}={v}]" for k, v in args.set.items())
         for recipe in (r for r in recipes_of(bdir) if r in args.recipes):
             for seed in args.seeds:
                 plan += [(method, recipe, seed, b) for b in args.budgets]
@@ -137,9 +138,10 @@ def run_bundles(args, rows: list[dict], results: Path) -> list[dict]:
         for method, recipe, seed, budget in plan:
             if (method, recipe, seed, budget) in done:
                 continue
-            name = method[: len(method) - len(METHOD_SUFFIX[args.modality])]
+            name = method.split(" ")[0]
             bdir = bundles[name]
-            work = args.out / "runs" / f"{name}{'_mri' if args.modality == 'mri' else ''}_{recipe}_seed{seed}_it{budget}"
+            tag = ("_mri" if args.modality == "mri" else "") + "".join(f"_{k}{hashlib.md5(str(v).encode()).hexdigest()[:6]}" for k, v in args.set.items())
+            work = args.out / "runs" / f"{name}{tag}_{recipe}_seed{seed}_it{budget}"
             if work.exists():
                 import shutil
 
@@ -147,7 +149,7 @@ def run_bundles(args, rows: list[dict], results: Path) -> list[dict]:
             print(f"{method} {recipe} seed {seed}, {budget} iterations:", flush=True)
             t0 = time.time()
             row = run_bundle_recipe(name, bdir, args.data, work, log, extra_configs=EXTRA_CONFIGS[args.modality],
-                                    overrides={"seed": seed, **recipe_overrides(bdir, recipe)},
+                                    overrides={"seed": seed, **recipe_overrides(bdir, recipe), **args.set},
                                     step_overrides=budget_overrides(bdir, budget), indent="  ")
             if row.get("status") != "ok":
                 print(f"  {row['status']}", flush=True)
@@ -275,10 +277,16 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", default=None, help="folder with monai_unet/ and nnunet/ results of bench/baselines.py")
     ap.add_argument("--run_monai_unet", action="store_true", help="train the MONAI UNet baseline where its rows are missing")
     ap.add_argument("--report_only", action="store_true", help="only rebuild learning.md and the plot from results.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further override of every step (repeatable), e.g. rotate_range_deg=[0,0,15]; the rows' method name records it")
     ap.add_argument("--modality", choices=("ct", "mri"), default="ct",
                     help="mri: the three-sequence MRI demo set (--data is generated as such when missing), configs/mri.yaml merged last")
     args = ap.parse_args(argv)
     args.bundles = [b for b in args.bundles.split(",") if b]
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        ap.error(f"--set needs KEY=VALUE, got {bad}")
+    args.set = dict(kv.split("=", 1) for kv in args.set)
     args.budgets = [int(b) for b in args.budgets.split(",") if b]
     args.recipes = [r for r in args.recipes.split(",") if r]
     if not set(args.recipes) <= {"fast", "paper"}:
