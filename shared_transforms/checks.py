@@ -46,7 +46,7 @@ from shared_transforms.io import (  # noqa: F401 (input_error_from re-exported)
 )
 
 __all__ = ["source_name", "input_error_from", "MODALITIES", "check_ct_intensities", "CheckImage", "CheckImaged",
-           "set_input_modality", "SafeLoadImaged"]
+           "set_input_modality", "SafeLoadImaged", "setting_choice"]
 
 #: values of the ``modality`` switch: "CT" checks Hounsfield units, "MR" / "any" / None do not
 MODALITIES = ("CT", "MR", "any")
@@ -55,6 +55,14 @@ MODALITIES = ("CT", "MR", "any")
 _CT_AIR_HU = -500.0
 # and tissue or bone above this (HU)
 _CT_TISSUE_HU = -200.0
+
+
+def setting_choice(value, choices: Sequence[str], name: str) -> str:
+    """A config setting that must be one of ``choices``: stripped, lower case; ``ValueError`` naming it otherwise."""
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return text
 
 
 def _normalise_modality(modality) -> str | None:

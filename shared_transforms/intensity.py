@@ -38,6 +38,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type
 
+from shared_transforms.checks import setting_choice
+
 __all__ = [
     "HUWindow",
     "HUWindowd",
@@ -239,10 +241,7 @@ NORMALIZATION_MODES = ("ct", "window")
 
 def normalization_mode(mode: str) -> str:
     """Check a bundle's ``normalization`` setting (``"ct"`` or ``"window"``) and return it."""
-    text = str(mode).strip().lower()
-    if text not in NORMALIZATION_MODES:
-        raise ValueError(f"normalization must be one of {NORMALIZATION_MODES}, got {mode!r}")
-    return text
+    return setting_choice(mode, NORMALIZATION_MODES, "normalization")
 
 
 FINGERPRINT_KEYS = ("mean", "std", "median", "min", "max", "percentile_00_5", "percentile_99_5")

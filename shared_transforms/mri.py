@@ -26,7 +26,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirstd, MapTransform, SpatialResample, Transform
 
-from shared_transforms.checks import SafeLoadImaged
+from shared_transforms.checks import SafeLoadImaged, setting_choice
 from shared_transforms.intensity import ChannelNormalize
 from shared_transforms.io import InputError
 
@@ -190,10 +190,7 @@ INPUT_MODALITIES = ("ct", "mri")
 
 def input_modality(value: str) -> str:
     """Check a bundle's ``modality`` setting (one of :data:`INPUT_MODALITIES`), lower case."""
-    mode = str(value).strip().lower()
-    if mode not in INPUT_MODALITIES:
-        raise ValueError(f"modality must be one of {INPUT_MODALITIES}, got {value!r}")
-    return mode
+    return setting_choice(value, INPUT_MODALITIES, "modality")
 
 
 class LoadVolumed(MapTransform):

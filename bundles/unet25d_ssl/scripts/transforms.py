@@ -16,6 +16,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Transform
 
+from shared_transforms.checks import setting_choice
+
 __all__ = [
     "SCALES",
     "scale_index",
@@ -75,10 +77,7 @@ def scale_crop_size(shape: Sequence[int], scale: str | int) -> tuple[int, int, i
 
 def scale_input_mode(value: str) -> str:
     """Check ``scale_input`` (one of :data:`SCALE_INPUTS`) and return it in lower case."""
-    mode = str(value).strip().lower()
-    if mode not in SCALE_INPUTS:
-        raise ValueError(f"scale_input must be one of {SCALE_INPUTS}, got {value!r}")
-    return mode
+    return setting_choice(value, SCALE_INPUTS, "scale_input")
 
 
 def _crop_starts(shape, size, box_lo, box_hi, rng: np.random.RandomState) -> list[int]:
