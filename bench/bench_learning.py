@@ -191,7 +191,7 @@ def baseline_rows(args) -> list[dict]:
     return out
 
 
-def _mean_sd(values):
+def mean_sd(values):
     import numpy as np
 
     v = np.asarray([x for x in values if x is not None], dtype=float)
@@ -217,8 +217,8 @@ def table(rows: list[dict], budgets: list[int]) -> str:
             if not sel:
                 cells.append("-")
                 continue
-            mean, sd = _mean_sd([r["dsc_mean"] for r in sel])
-            wall, _ = _mean_sd([r.get("wall_s") for r in sel])
+            mean, sd = mean_sd([r["dsc_mean"] for r in sel])
+            wall, _ = mean_sd([r.get("wall_s") for r in sel])
             dsc = f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "") + f" (n={len(sel)})"
             cells.append(dsc + (f" / {wall:.0f}" if wall is not None else ""))
         lines.append(f"| {method} | {recipe or '-'} | " + " | ".join(cells) + " |")
@@ -241,8 +241,8 @@ def plot(rows: list[dict], path: Path) -> Path:
         for r in sel:
             by_budget.setdefault(int(r["iterations"]), []).append(r)
         xs = sorted(by_budget)
-        ys = [_mean_sd([r["dsc_mean"] for r in by_budget[x]])[0] for x in xs]
-        ws = [_mean_sd([r.get("wall_s") for r in by_budget[x]])[0] for x in xs]
+        ys = [mean_sd([r["dsc_mean"] for r in by_budget[x]])[0] for x in xs]
+        ws = [mean_sd([r.get("wall_s") for r in by_budget[x]])[0] for x in xs]
         line = axes[0].plot(xs, ys, marker="o", label=label)[0]
         for x in xs:  # single seeds as dots
             for r in by_budget[x]:

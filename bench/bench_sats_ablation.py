@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "sats_npc"
 sys.path.insert(0, str(REPO / "bench"))
+
+from bench_learning import mean_sd, recipe_overrides  # noqa: E402
 
 #: stage-2 overrides of each variant (paper 001 Table 3 / paper 000 Table 2)
 VARIANTS = {
@@ -81,14 +82,6 @@ def read_cases(report: Path) -> dict[str, dict[str, float]]:
 
     _, cases = read_metrics_csv(report)
     return {c: {m: float(v[m]) for m in ("dsc", "assd", "hd95")} for c, v in cases.items()}
-
-
-def mean_sd(values) -> tuple[float | None, float | None]:
-    values = [float(v) for v in values]
-    if not values:
-        return None, None
-    m = sum(values) / len(values)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None)
 
 
 def paired_p(a: list[float], b: list[float]) -> float | None:
@@ -193,7 +186,6 @@ def main(argv=None) -> dict:
     variants = [v for v in args.variants.split(",") if v]
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants: some of {list(VARIANTS)}")
-    from bench_learning import recipe_overrides
     from npc_gtv.phantoms import ensure_dataset
 
     work = args.work

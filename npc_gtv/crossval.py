@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from shared_transforms.checks import setting_choice
 from shared_transforms.io import InputError, atomic_write
 
 __all__ = ["fold_dir", "read_summary", "summarize_folds", "cross_validate", "LAYOUTS", "SUMMARY_METRICS"]
@@ -140,8 +141,7 @@ def cross_validate(
         raise ValueError("cross_validate needs at least one fold")
     if len(set(folds)) != len(folds) or min(folds) < 0:
         raise ValueError(f"folds must be distinct non-negative indices, got {folds}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    layout = setting_choice(layout, LAYOUTS, "layout")
     if runner is None:
         from monai.bundle import run as runner
     base = dict(overrides or {})
